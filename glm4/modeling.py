@@ -1,0 +1,598 @@
+"""The GLM-4-0414 architecture: norm -> rope -> attention -> MLP -> layer -> model -> heads.
+
+Module names are the checkpoint's tensor names (`model.layers.3.self_attn.q_proj`,
+`mlp.gate_up_proj`, `post_self_attn_layernorm`), so loading is a strict `load_state_dict`.
+No I/O and no torch.distributed here: checkpoint.py reads files, parallel.py shards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from glm4.cache import DynamicCache, KVCache
+from glm4.checkpoint import PretrainedMixin
+from glm4.config import Glm4Config
+
+# -- outputs: the transformers field names -----------------------------------------------------
+
+
+@dataclass
+class Glm4ModelOutput:
+    last_hidden_state: torch.Tensor
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class SequenceClassifierOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class TokenClassifierOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+# -- norm ----------------------------------------------------------------------------------------
+
+
+class Glm4RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32, then back to the input dtype before the weight (as transformers).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# -- rotary embedding ------------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: Glm4Config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the rotary part and the cos/sin scale, as transformers' rope init.
+
+    Only the first `rotary_dim` dims of a head rotate, so every formula uses dim = rotary_dim.
+    """
+    rope = config.rope_parameters
+    base, dim = config.rope_theta, config.rotary_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    kind = config.rope_type
+    if kind == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
+        # NTK-aware: grow the base with the sequence once it passes the trained length.
+        factor = rope["factor"]
+        ratio = factor * seq_len / config.max_position_embeddings - (factor - 1)
+        base = base * ratio ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base**exponents)
+    if kind == "linear":
+        return inv_freq / rope["factor"], 1.0
+    if kind != "yarn":
+        return inv_freq, 1.0
+    return _yarn_inv_freq(rope, base, dim, inv_freq)
+
+
+def _yarn_inv_freq(rope: dict, base: float, dim: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate the low frequencies, keep the high ones, scale cos/sin by the mscale."""
+    factor = rope["factor"]
+    original = rope["original_max_position_embeddings"]
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.get("beta_fast") or 32), correction_dim(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    interpolated = inv_freq / factor
+    return interpolated * (1 - extrapolation) + inv_freq * extrapolation, float(attention_factor)
+
+
+class Glm4RotaryEmbedding(nn.Module):
+    def __init__(self, config: Glm4Config) -> None:
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_scaling = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after building on the meta device."""
+        self.inv_freq = rope_inv_freq(self.config)[0].to(device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos and sin, each (B, T, rotary_dim // 2): one angle per rotated pair."""
+        inv_freq = self.inv_freq
+        if self.config.rope_type == "dynamic":
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.config, seq_len)[0].to(inv_freq.device)
+        angles = position_ids[..., None].float() * inv_freq.float()
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by cos/sin (B, T, R/2).
+
+    GLM-4 rotates adjacent pairs (2i, 2i+1) (GPT-J style) of the first R dims only; the rest pass
+    through. Rotating all dims, or pairing i with i + R/2 (NeoX), gives plausible but wrong output.
+    """
+    rot_dim = cos.shape[-1] * 2
+    rot, rest = x[..., :rot_dim], x[..., rot_dim:]
+    x1, x2 = rot.unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, R/2) each: even, odd of a pair
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, rest), dim=-1)
+
+
+# -- attention -----------------------------------------------------------------------------------
+
+
+def causal_mask(
+    attention_mask: torch.Tensor | None, batch: int, new_tokens: int, past: int, kv_len: int, device
+) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask: True where a query may attend; None when plain causal suffices.
+
+    Key slot j is visible from the query at cache index past + i when j <= past + i and the padding
+    mask keeps j.
+    """
+    if attention_mask is None and kv_len == past + new_tokens and (past == 0 or new_tokens == 1):
+        return None
+    keys = torch.arange(kv_len, device=device)
+    queries = past + torch.arange(new_tokens, device=device)
+    mask = (keys[None, :] <= queries[:, None])[None, None].expand(batch, 1, new_tokens, kv_len)
+    if attention_mask is not None:
+        keep = attention_mask.to(device=device, dtype=torch.bool)
+        keep = F.pad(keep, (0, kv_len - keep.shape[-1]), value=True)
+        mask = mask & keep[:, None, None, :]
+        # A left-padding query sees no key at all: let it see everything rather than produce NaN,
+        # which would leak into later layers through its masked-out (but multiplied) values.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+class Glm4Attention(nn.Module):
+    def __init__(self, config: Glm4Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.scaling = config.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+            scale=self.scaling,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+# -- MLP and decoder layer -----------------------------------------------------------------------
+
+
+class Glm4MLP(nn.Module):
+    def __init__(self, config: Glm4Config) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # first half is the gate
+        return self.down_proj(up * F.silu(gate))
+
+
+class Glm4DecoderLayer(nn.Module):
+    def __init__(self, config: Glm4Config, layer_idx: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = Glm4Attention(config, layer_idx)
+        self.mlp = Glm4MLP(config)
+        # "Sandwich" norms: each sublayer's output is normalised again before the residual add.
+        # post_attention_layernorm is, despite its name, the norm *before* the MLP.
+        self.input_layernorm = Glm4RMSNorm(config.hidden_size, eps)
+        self.post_self_attn_layernorm = Glm4RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = Glm4RMSNorm(config.hidden_size, eps)
+        self.post_mlp_layernorm = Glm4RMSNorm(config.hidden_size, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        h = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        return h + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(h)))
+
+
+# -- the model -----------------------------------------------------------------------------------
+
+
+class Glm4PreTrainedModel(nn.Module, PretrainedMixin):
+    """Weight init like transformers, gradient checkpointing, and (via PretrainedMixin) loading."""
+
+    config: Glm4Config
+
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None:
+                    module.weight.data[module.padding_idx].zero_()
+            elif isinstance(module, Glm4RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        for module in self.modules():
+            if isinstance(module, Glm4RotaryEmbedding):
+                module.init_buffers(device)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.base_model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing = False
+
+    @property
+    def base_model(self) -> Glm4Model:
+        return self if isinstance(self, Glm4Model) else self.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base_model.embed_tokens.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class Glm4Model(Glm4PreTrainedModel):
+    def __init__(self, config: Glm4Config) -> None:
+        super().__init__()
+        self.config = config
+        pad = config.pad_token_id
+        padding_idx = pad if pad is not None and 0 <= pad < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx)
+        self.layers = nn.ModuleList(Glm4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Glm4RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = Glm4RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+    ) -> Glm4ModelOutput:
+        self._check_dtype()
+        x = self._embed(input_ids, inputs_embeds)
+        B, T, _ = x.shape
+        if use_cache is None:
+            use_cache = past_key_values is not None or (self.config.use_cache and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        cache = past_key_values if use_cache else None
+        past = cache.get_seq_length() if cache is not None else 0
+        kv_len = cache.kv_length(T) if cache is not None else T
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=x.device)[None]
+            last_position = past + T - 1
+        else:
+            last_position = int(position_ids.max())
+        self._check_length(last_position)
+        if attention_mask is not None:
+            attention_mask = self._check_mask(attention_mask, B, past + T, kv_len)
+        mask = causal_mask(attention_mask, B, T, past, kv_len, x.device)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+
+        hidden_states = [x] if output_hidden_states else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states[-1] = x  # transformers reports the normed output as the last entry
+        return Glm4ModelOutput(x, cache, tuple(hidden_states) if hidden_states is not None else None)
+
+    # -- input checks: errors a user can cause, said in their terms ---------------------------
+
+    def _check_dtype(self) -> None:
+        if self.embed_tokens.weight.dtype == torch.float16:
+            raise ValueError(
+                "float16 is not supported: GLM-4 activations exceed float16's range (65504) and turn "
+                "into inf/NaN. Use dtype=torch.bfloat16 (or float32 where bfloat16 is unavailable)."
+            )
+
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be (batch, seq, {self.config.hidden_size}), "
+                    f"got {tuple(inputs_embeds.shape)}"
+                )
+            return inputs_embeds
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            raise ValueError(
+                f"input_ids must be an integer (batch, seq) tensor, got {input_ids.dtype} "
+                f"of shape {tuple(input_ids.shape)}"
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: pass at least one token")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        return self.embed_tokens(input_ids)
+
+    def _check_length(self, last_position: int) -> None:
+        limit = self.config.max_context
+        if limit is not None and last_position >= limit:
+            raise ValueError(
+                f"the sequence needs {last_position + 1:,} positions but the model's context is "
+                f"{limit:,}; shorten the input or enable rope scaling (YaRN) in config.json"
+            )
+
+    @staticmethod
+    def _check_mask(attention_mask: torch.Tensor, batch: int, length: int, kv_len: int) -> torch.Tensor:
+        if (
+            attention_mask.dim() != 2
+            or attention_mask.shape[0] != batch
+            or (attention_mask.shape[1] not in (length, kv_len))
+        ):
+            raise ValueError(
+                f"attention_mask must be (batch, past + new tokens) = ({batch}, {length}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        return attention_mask
+
+
+class Glm4ForCausalLM(Glm4PreTrainedModel):
+    def __init__(self, config: Glm4Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Glm4Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.lm_head.weight.device.type != "meta":
+            nn.init.normal_(self.lm_head.weight, std=config.initializer_range)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
+    ) -> CausalLMOutput:
+        out = self.model(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            inputs_embeds,
+            use_cache,
+            output_hidden_states,
+        )
+        h = out.last_hidden_state
+        # Generation only needs the last position: skip the (vocab x hidden) matmul for the rest.
+        h = h[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else h[:, logits_to_keep]
+        logits = self.lm_head(h)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states)
+
+
+class Glm4ForSequenceClassification(Glm4PreTrainedModel):
+    def __init__(self, config: Glm4Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Glm4Model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        if self.score.weight.device.type != "meta":
+            nn.init.normal_(self.score.weight, std=config.initializer_range)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+    ) -> SequenceClassifierOutput:
+        out = self.model(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            inputs_embeds,
+            use_cache,
+            output_hidden_states,
+        )
+        logits = self.score(out.last_hidden_state)
+        B = logits.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and B != 1:
+            raise ValueError("batches of more than one sequence need config.pad_token_id to find their ends")
+        if pad is None or input_ids is None:
+            last = torch.full((B,), logits.shape[1] - 1, device=logits.device)
+        else:
+            # The pad id is also an eos id, so take the rightmost non-pad token: this handles left
+            # and right padding alike.
+            positions = torch.arange(input_ids.shape[1], device=logits.device)
+            last = (positions * (input_ids != pad)).argmax(-1)
+        pooled = logits[torch.arange(B, device=logits.device), last]
+        loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
+        return SequenceClassifierOutput(loss, pooled, out.past_key_values, out.hidden_states)
+
+
+class Glm4ForTokenClassification(Glm4PreTrainedModel):
+    def __init__(self, config: Glm4Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Glm4Model(config)
+        p = config.classifier_dropout
+        self.dropout = nn.Dropout(0.1 if p is None else p)  # transformers' default for this head
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        if self.score.weight.device.type != "meta":
+            nn.init.normal_(self.score.weight, std=config.initializer_range)
+            nn.init.zeros_(self.score.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+    ) -> TokenClassifierOutput:
+        out = self.model(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            inputs_embeds,
+            use_cache,
+            output_hidden_states,
+        )
+        logits = self.score(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100
+            )
+        return TokenClassifierOutput(loss, logits, out.past_key_values, out.hidden_states)
+
+
+# -- losses ----------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy: position t predicts labels[t + 1]; -100 is ignored."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), shifted.flatten().to(logits.device), ignore_index=-100
+    )
+
+
+def sequence_classification_loss(
+    pooled: torch.Tensor, labels: torch.Tensor, config: Glm4Config
+) -> torch.Tensor:
+    num_labels = config.num_labels
+    problem = config.problem_type
+    if problem is None:
+        if num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    labels = labels.to(pooled.device)
+    if problem == "regression":
+        if num_labels == 1:
+            return F.mse_loss(pooled.squeeze(), labels.squeeze().to(pooled.dtype))
+        return F.mse_loss(pooled, labels.to(pooled.dtype))
+    if problem == "single_label_classification":
+        return F.cross_entropy(pooled.view(-1, num_labels), labels.view(-1), ignore_index=-100)
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))
+    raise ValueError(
+        f"problem_type {problem!r} is not one of regression, single_label_classification, "
+        "multi_label_classification"
+    )
