@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,15 +102,22 @@ def weight_files(folder: Path) -> list[Path]:
     raise ValueError(f"{folder} has no model weights ({SINGLE_FILE} or {INDEX_FILE})")
 
 
+@contextmanager
+def open_safetensors(path: Path, device: torch.device | str = "cpu") -> Iterator[Any]:
+    """safe_open, with a corrupt or truncated file reported by name."""
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as reader:
+            yield reader
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
+
+
 def read_tensors(files: list[Path], device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from each file in turn, one tensor in memory at a time beyond the model."""
     for f in tqdm(files, desc="Loading shards", unit="shard", disable=len(files) < 2):
-        try:
-            with safe_open(f, framework="pt", device=str(device)) as reader:
-                for name in reader:
-                    yield name, reader.get_tensor(name)
-        except SafetensorError as e:
-            raise ValueError(f"{f} is not a valid safetensors file (truncated or corrupt?): {e}") from None
+        with open_safetensors(f, device) as reader:
+            for name in reader.keys():  # noqa: SIM118 (safe_open is not iterable)
+                yield name, reader.get_tensor(name)
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -119,7 +127,7 @@ def resolve_dtype(dtype: str | torch.dtype, config: Glm4Config, files: list[Path
     if dtype == "auto":
         name = config.dtype
         if name is None:  # no dtype in config.json: use what the first tensor is stored in
-            with safe_open(files[0], framework="pt") as reader:
+            with open_safetensors(files[0]) as reader:
                 first = next(iter(reader.keys()), None)
                 name = str(reader.get_slice(first).get_dtype()) if first else "F32"
             name = {"BF16": "bfloat16", "F16": "float16"}.get(name, "float32")
