@@ -62,3 +62,26 @@ def tiny_lm(seed: int = 0, **overrides) -> Glm4ForCausalLM:
 def random_ids(batch: int, length: int, vocab: int = 128, seed: int = 0, low: int = 4) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(low, vocab, (batch, length), generator=g)
+
+
+CORPUS = [
+    "Hello world! The capital of France is Paris. 你好，世界！北京是中国的首都。",
+    "def add(a, b):\n    return a + b  # code 🙂🚀 emoji\n\n\n    indented\ttabs",
+    'What is the weather in Paris? get_weather {"city": "Paris"} 1234567 + 89 = 1234656',
+    "可用工具 在调用上述函数时，请使用 Json 格式表示调用的参数。 <think> reasoning </think> answer",
+]
+
+
+def build_test_tokenizer_folder(folder, chat_template: str | None = "glm4"):
+    """A tiny GLM-layout tokenizer (BPE + GLM special tokens) saved with a chat template."""
+    from glm4.demo.tokenizer import build_tokenizer
+    from glm4.tokenizer import Glm4Tokenizer, builtin_template
+
+    template = builtin_template(chat_template) if chat_template else None
+    tok = Glm4Tokenizer(
+        build_tokenizer(CORPUS * 3, vocab_size=400),
+        template,
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+    )
+    tok.save_pretrained(folder)
+    return tok
