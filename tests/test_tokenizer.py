@@ -113,7 +113,8 @@ def test_glm4_template_format(pair):
         "\n在调用上述函数时，请使用 Json 格式表示调用的参数。<|user|>\nWhat is the weather in Paris?" in text
     )
     assert text.endswith(
-        '<|assistant|>get_weather \n{"city": "Paris"}<|observation|>\n{"weather": "sunny", "温度": 20}<|assistant|>'
+        '<|assistant|>get_weather \n{"city": "Paris"}'
+        '<|observation|>\n{"weather": "sunny", "温度": 20}<|assistant|>'
     )
     plain = ours.apply_chat_template(
         MESSAGES["system_multi_turn"], tokenize=False, add_generation_prompt=False
