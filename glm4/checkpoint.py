@@ -282,6 +282,9 @@ class PretrainedMixin:
         load_weights(model, files, device, dtype)
         model.init_buffers(device)
         model.name_or_path = str(path_or_repo_id)
+        generation_config = folder / "generation_config.json"
+        if generation_config.is_file():
+            model.generation_config = json.loads(generation_config.read_text())
         return model.eval()
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
@@ -294,4 +297,7 @@ class PretrainedMixin:
         config.architectures = [type(self).__name__]
         config.dtype = str(self.dtype).removeprefix("torch.")
         config.save_pretrained(folder)
+        generation_config = getattr(self, "generation_config", None)
+        if generation_config:
+            (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
         save_weights(state, folder, max_shard_size)

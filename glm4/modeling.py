@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from glm4.cache import DynamicCache, KVCache
 from glm4.checkpoint import PretrainedMixin
 from glm4.config import Glm4Config
+from glm4.generation import GenerationMixin
 
 # -- outputs: the transformers field names -----------------------------------------------------
 
@@ -431,7 +432,7 @@ class Glm4Model(Glm4PreTrainedModel):
         return attention_mask
 
 
-class Glm4ForCausalLM(Glm4PreTrainedModel):
+class Glm4ForCausalLM(Glm4PreTrainedModel, GenerationMixin):
     def __init__(self, config: Glm4Config) -> None:
         super().__init__()
         self.config = config

@@ -1,0 +1,208 @@
+"""generate(): a loop over token ids that yields as it goes; it knows nothing of text.
+
+It follows transformers' `generate` step for step (positions from the padding mask, finished rows
+padded with pad_token_id, logits processors in the same order), so greedy output is identical on
+the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from glm4.cache import DynamicCache
+from glm4.sampling import SamplingParams, sample_next
+
+# (row, generated ids of that row) -> stop now? Used for stop strings, which need a tokenizer.
+StopCheck = Callable[[int, list[int]], bool]
+
+
+def stream_tokens(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 256,
+    params: SamplingParams = SamplingParams(),
+    eos_token_id: list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    stop_check: StopCheck | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,) per step; a finished row gets pad_token_id."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(input_ids.shape)}"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    config = model.config
+    eos = torch.tensor(
+        eos_token_id if eos_token_id is not None else config.eos_token_ids, device=input_ids.device
+    )
+    pad = (
+        pad_token_id
+        if pad_token_id is not None
+        else (config.pad_token_id if config.pad_token_id is not None else int(eos[0]))
+    )
+    B, T = input_ids.shape
+    limit = config.max_context
+    if limit is not None:
+        if limit <= T:
+            raise ValueError(
+                f"the prompt has {T:,} tokens but the model's context is {limit:,}; shorten it or enable "
+                "rope scaling (YaRN) in config.json"
+            )
+        max_new_tokens = min(max_new_tokens, limit - T)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    # Left padding: a row's first real token is position 0 (padding positions do not matter).
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    seen = input_ids
+    counts = None
+    if params.presence_penalty or params.frequency_penalty:
+        counts = torch.zeros(B, config.vocab_size, device=input_ids.device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    generated: list[list[int]] = [[] for _ in range(B)]
+    cache = DynamicCache()
+    step_ids = input_ids
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            out = model(
+                step_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                logits_to_keep=1,
+            )
+            token = sample_next(out.logits[:, -1], params, seen, counts, generator)
+            token = torch.where(unfinished, token, pad)
+            yield token
+            if counts is not None:
+                counts.scatter_add_(-1, token[:, None], unfinished[:, None].float())
+            unfinished &= ~torch.isin(token, eos)
+            if stop_check is not None:
+                for row in range(B):
+                    generated[row].append(int(token[row]))
+                    if unfinished[row] and stop_check(row, generated[row]):
+                        unfinished[row] = False
+            if not unfinished.any():
+                return
+            seen = torch.cat([seen, token[:, None]], dim=-1)
+            step_ids = token[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+
+
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Prompt + new tokens (B, T + N), N the longest row's; shorter rows end in pad_token_id."""
+    steps = list(stream_tokens(model, input_ids, **kwargs))
+    return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
+
+
+class GenerationMixin:
+    """`model.generate(...)` with transformers-style keyword arguments."""
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        stop_strings: list[str] | None = None,
+        tokenizer: Any = None,
+        streamer: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Generate like transformers' `generate`; `streamer` is called with each step's tokens (B,)."""
+        kwargs = self.generation_kwargs(
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            seed=seed,
+            generator=generator,
+            stop_strings=stop_strings,
+            tokenizer=tokenizer,
+        )
+        steps = []
+        for token in stream_tokens(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs):
+            steps.append(token)
+            if streamer is not None:
+                streamer(token)
+        return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
+
+    def generation_kwargs(
+        self,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        stop_strings: list[str] | None = None,
+        tokenizer: Any = None,
+    ) -> dict[str, Any]:
+        """Keyword arguments for `stream_tokens`, with defaults from generation_config.json."""
+        params = SamplingParams(
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
+        )
+        defaults = getattr(self, "generation_config", None) or {}
+        if eos_token_id is None:
+            eos_token_id = defaults.get("eos_token_id", self.config.eos_token_ids)
+        if isinstance(eos_token_id, int):
+            eos_token_id = [eos_token_id]
+        if pad_token_id is None:
+            pad_token_id = defaults.get("pad_token_id", self.config.pad_token_id)
+        if generator is None and seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        stop_check = None
+        if stop_strings:
+            if tokenizer is None:
+                raise ValueError("stop_strings need the tokenizer: pass tokenizer=...")
+            stop_check = stop_string_check(stop_strings, tokenizer)
+        return dict(
+            params=params,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            generator=generator,
+            stop_check=stop_check,
+        )
+
+
+def stop_string_check(stop_strings: list[str], tokenizer: Any) -> StopCheck:
+    """Stop a row once its generated text contains a stop string (checked over a short tail)."""
+    tail = max(len(s) for s in stop_strings) + 8  # tokens are at least one character, mostly
+
+    def check(row: int, ids: list[int]) -> bool:
+        text = tokenizer.decode(ids[-tail:])
+        return any(s in text for s in stop_strings)
+
+    return check
