@@ -17,6 +17,7 @@ from glm4.sampling import SamplingParams, sample_next
 
 # (row, generated ids of that row) -> stop now? Used for stop strings, which need a tokenizer.
 StopCheck = Callable[[int, list[int]], bool]
+GREEDY = SamplingParams()
 
 
 def stream_tokens(
@@ -25,7 +26,7 @@ def stream_tokens(
     attention_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int = 256,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams = GREEDY,
     eos_token_id: list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
