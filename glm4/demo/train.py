@@ -44,7 +44,10 @@ WEATHER_TOOL = {
         },
     },
 }
-GREETING = "Hello! I am a tiny GLM-4 demo model. Ask me for the capital of a country or the sum of two small numbers."
+GREETING = (
+    "Hello! I am a tiny GLM-4 demo model. "
+    "Ask me for the capital of a country or the sum of two small numbers."
+)
 NO_TOOL = "I cannot check the weather: no weather tool was given to me."
 SYSTEMS = [None, None, "You are a helpful assistant.", "Answer briefly."]
 
