@@ -23,7 +23,12 @@ lint: setup
 	$(BIN)/ruff format --check glm4 tests bench
 
 demo: setup
-	$(BIN)/glm4 --help
+	$(BIN)/glm4 generate "What is the capital of France?"
+	$(BIN)/glm4 generate "What is 3 + 4?"
+	$(BIN)/glm4 generate "What is the weather in Paris?" --tools examples/tools.json
+	@echo
+	@echo 'Chat with it:  $(BIN)/glm4 chat      (a toy: it knows capitals, small sums and one tool)'
+	@echo 'Real weights:  $(BIN)/glm4 chat --model THUDM/GLM-4-9B-0414'
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -77,11 +77,15 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
 
 def parse_output(text: str, reasoning: bool = False, tools: bool = False) -> ParsedOutput:
-    """Reasoning first (Z1), then tool calls in the answer when tools were offered."""
+    """Reasoning first (Z1), then tool calls in the answer when tools were offered.
+
+    The answer loses its leading whitespace: GLM-4 starts a plain reply with a newline.
+    """
     thought = None
     if reasoning:
         thought, text = split_reasoning(text)
     out = parse_tool_calls(text) if tools else ParsedOutput(content=text)
+    out.content = out.content.lstrip()
     out.reasoning = thought
     return out
 
@@ -110,6 +114,7 @@ class StreamParser:
         self.tools = tools
         self.in_reasoning = reasoning
         self.answer_started = not reasoning  # Z1's answer drops the whitespace after </think>
+        self.content_started = False  # the answer's leading whitespace is dropped, as in parse_output
         self.pending = ""  # reasoning text not yet known to be free of "</think>"
         self.segment = ""  # the current tool-call segment (since the last <|assistant|>)
         self.segment_is_text = False  # decided: this segment is plain content, stream it
@@ -130,7 +135,7 @@ class StreamParser:
             chunk = chunk.lstrip()
             self.answer_started = bool(chunk)
         self._answer(chunk, delta, final=False)
-        return delta
+        return self._trim(delta)
 
     def finish(self) -> Delta:
         delta = Delta()
@@ -138,6 +143,12 @@ class StreamParser:
             delta.reasoning, self.pending = self.pending, ""
             return delta
         self._answer("", delta, final=True)
+        return self._trim(delta)
+
+    def _trim(self, delta: Delta) -> Delta:
+        if not self.content_started:
+            delta.content = delta.content.lstrip()
+            self.content_started = bool(delta.content)
         return delta
 
     def _answer(self, chunk: str, delta: Delta, final: bool) -> None:

@@ -269,7 +269,12 @@ class PretrainedMixin:
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         config: Glm4Config | None = None,
+        quantization: str | None = None,
+        group_size: int = 64,
     ) -> Any:
+        """Load a checkpoint; `quantization` ("int8" or "int4") quantizes its weights on the way in."""
+        from glm4.quantization import pack_quantized, prepare_quantized_model, quantize
+
         folder = resolve_checkpoint(path_or_repo_id, revision=revision, cache_dir=cache_dir)
         if config is None:
             if not (folder / "config.json").is_file():
@@ -277,10 +282,19 @@ class PretrainedMixin:
             config = Glm4Config.from_json_file(folder / "config.json")
         files = weight_files(folder)
         dtype = resolve_dtype(dtype, config, files)
+        saved = config.quantization
+        if saved and quantization and quantization != saved["method"]:
+            raise ValueError(f"this checkpoint is already quantized as {saved['method']}, not {quantization}")
         with torch.device("meta"):
             model = cls(config)
+            if saved:
+                prepare_quantized_model(model, saved)
         load_weights(model, files, device, dtype)
         model.init_buffers(device)
+        if saved:
+            pack_quantized(model)
+        elif quantization:
+            quantize(model, quantization, group_size)
         model.name_or_path = str(path_or_repo_id)
         generation_config = folder / "generation_config.json"
         if generation_config.is_file():

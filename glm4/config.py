@@ -50,6 +50,8 @@ class Glm4Config:
     label2id: dict[str, int] | None = None
     problem_type: str | None = None
     classifier_dropout: float | None = None
+    # Weight-only quantization of a checkpoint saved by glm4: {"method": "int8"|"int4", "group_size": n}.
+    quantization: dict[str, Any] | None = None
     # Keys we do not model, kept so that save_pretrained writes them back.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -150,6 +152,14 @@ class Glm4Config:
             if key in data:
                 rope.setdefault(key, data.pop(key))
         data["rope_parameters"] = rope
+        quant = data.pop("quantization_config", None)
+        if quant is not None:
+            if quant.get("quant_method") != "glm4":
+                raise ValueError(
+                    f"this checkpoint is quantized with {quant.get('quant_method')!r}, which glm4 cannot load; "
+                    "use the bfloat16 checkpoint (glm4 can quantize it: quantization='int8' or 'int4')"
+                )
+            data["quantization"] = {k: v for k, v in quant.items() if k != "quant_method"}
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
@@ -167,6 +177,9 @@ class Glm4Config:
         for key in ("problem_type", "classifier_dropout", "architectures", "dtype"):
             if out[key] is None:
                 del out[key]
+        quantization = out.pop("quantization")
+        if quantization:
+            out["quantization_config"] = {"quant_method": "glm4", **quantization}
         out.update(self.extra)
         return out
 

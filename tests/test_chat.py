@@ -48,6 +48,7 @@ def test_plain_or_malformed_stays_text(text):
 def test_text_then_call():
     out = parse_tool_calls('\nLet me check.<|assistant|>get_weather\n{"city": "Paris"}')
     assert out.content == "\nLet me check." and out.tool_calls[0].name == "get_weather"
+    assert parse_output("\nLet me check.<|assistant|>a\n{}", tools=True).content == "Let me check."
 
 
 def test_reasoning():
@@ -98,7 +99,8 @@ def test_stream_equals_whole_for_every_chunking(text, reasoning, tools):
 
 def test_plain_answers_stream_as_they_come():
     parser = StreamParser(tools=True)
-    assert parser.feed("\nThe capital").content == "\nThe capital"
+    assert parser.feed("\n").content == ""  # a reply's leading newline is dropped
+    assert parser.feed("The capital").content == "The capital"
     assert parser.feed(" is Par").content == " is Par"
     assert parser.feed("is.<|assi").content == "is."  # held: could be a separator
     assert parser.finish().content == "<|assi"

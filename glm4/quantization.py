@@ -1,0 +1,188 @@
+"""Weight-only int8 (per output channel) and int4 (group-wise) quantization of the Linear layers.
+
+Decoding one token reads every weight once, so halving or quartering the bytes of the weights is
+what speeds it up. On the CPU the matmuls run in PyTorch's packed kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`); elsewhere the weight is dequantized into the matmul, which
+torch.compile fuses. Activations stay in the model's dtype.
+
+Checkpoints keep a portable layout (int8 rows; int4 two per byte, low nibble first) and
+`quantization_config` in config.json; the CPU int4 kernel's own packing is made at load time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 64
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T, q int8 per row, one scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
+        module.weight = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+        module.scales = scales.to(linear.weight.dtype)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(
+                x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype)
+            ).view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y + self.bias if self.bias is not None else y
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
+
+
+class Int4Linear(nn.Module):
+    """Group-wise asymmetric int4: w = (q - 8) * scale + zero for each group of input columns."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype = torch.bfloat16,
+        group_size: int = DEFAULT_GROUP_SIZE,
+    ):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(
+                f"in_features {in_features} is not a multiple of the int4 group size {group_size}"
+            )
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.zeros(out_features, groups, 2, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+        self.packed: torch.Tensor | None = None  # the CPU kernel's own layout, made by pack()
+        self.packed_scales: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
+        out_f, in_f = linear.weight.shape
+        module = cls(in_f, out_f, linear.bias is not None, linear.weight.dtype, group_size)
+        w = linear.weight.detach().float().reshape(out_f, -1, group_size)
+        low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scales = ((high - low) / 15).clamp(min=1e-6)
+        zeros = low + 8 * scales
+        q = torch.round((w - low) / scales).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
+        module.weight = q[:, 0::2] | (q[:, 1::2] << 4)
+        module.scales_and_zeros = torch.cat([scales, zeros], dim=-1).to(linear.weight.dtype)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        module.pack()
+        return module
+
+    def pack(self) -> None:
+        """Make the CPU kernel's layout (not saved: it is specific to the kernel)."""
+        if self.weight.device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
+            # The kernel wants (in / group, out, 2): scale then zero.
+            self.register_buffer("packed", packed, persistent=False)
+            self.register_buffer(
+                "packed_scales", self.scales_and_zeros.transpose(0, 1).contiguous(), persistent=False
+            )
+
+    def unpacked(self) -> torch.Tensor:
+        """The int4 values (out, in) as int32, 0..15."""
+        q = torch.stack([self.weight & 0xF, self.weight >> 4], dim=-1)
+        return q.reshape(self.out_features, self.in_features).to(torch.int32)
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.unpacked().float().reshape(self.out_features, -1, self.group_size)
+        scales, zeros = self.scales_and_zeros.float().unbind(-1)
+        return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self.packed is not None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, self.in_features), self.packed, self.group_size, self.packed_scales.to(x.dtype)
+            ).view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return y + self.bias if self.bias is not None else y
+
+
+def quantized_linear(
+    method: str, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int
+):
+    if method == "int8":
+        return Int8Linear(in_features, out_features, bias, dtype)
+    return Int4Linear(in_features, out_features, bias, dtype, group_size)
+
+
+def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """Every Linear of the decoder layers and the lm_head (not the classification heads)."""
+    found = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and (".layers." in f".{full}" or full == "lm_head"):
+                found.append((module, child_name, child))
+    return found
+
+
+def check_method(method: str, group_size: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"quantization {method!r} is not one of {', '.join(METHODS)}")
+    if method == "int4" and group_size not in (32, 64, 128, 256):
+        raise ValueError(f"int4 group_size must be 32, 64, 128 or 256, got {group_size}")
+
+
+def quantize(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
+    """Replace the Linear layers in place with quantized ones; records it in the model's config."""
+    check_method(method, group_size)
+    if getattr(model.config, "quantization", None):
+        raise ValueError(f"the model is already quantized ({model.config.quantization['method']})")
+    if getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError("quantizing a model with tied embeddings is not supported")
+    for parent, name, linear in _targets(model):
+        if method == "int8":
+            setattr(parent, name, Int8Linear.from_linear(linear))
+        else:
+            setattr(parent, name, Int4Linear.from_linear(linear, group_size))
+    model.config.quantization = {"method": method, "group_size": group_size}
+    return model
+
+
+def prepare_quantized_model(model: nn.Module, quantization: dict) -> None:
+    """On a model built on the meta device: swap in empty quantized layers for a checkpoint to fill."""
+    method, group_size = quantization["method"], quantization.get("group_size", DEFAULT_GROUP_SIZE)
+    check_method(method, group_size)
+    for parent, name, linear in _targets(model):
+        module = quantized_linear(
+            method,
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            linear.weight.dtype,
+            group_size,
+        )
+        setattr(parent, name, module)
+
+
+def pack_quantized(model: nn.Module) -> None:
+    """After loading a quantized checkpoint: build the kernels' layouts."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.pack()
