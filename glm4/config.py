@@ -156,7 +156,8 @@ class Glm4Config:
         if quant is not None:
             if quant.get("quant_method") != "glm4":
                 raise ValueError(
-                    f"this checkpoint is quantized with {quant.get('quant_method')!r}, which glm4 cannot load; "
+                    f"this checkpoint is quantized with {quant.get('quant_method')!r}, which glm4 "
+                    "cannot load; "
                     "use the bfloat16 checkpoint (glm4 can quantize it: quantization='int8' or 'int4')"
                 )
             data["quantization"] = {k: v for k, v in quant.items() if k != "quant_method"}
