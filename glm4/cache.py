@@ -1,9 +1,10 @@
 """KV caches. The model writes into the cache it is given and returns it; nothing is hidden in globals.
 
-A cache answers three questions for the model: where the new tokens start (`get_seq_length`), how
-wide the attention is after writing them (`kv_length`), and, in `update`, what keys and values a
-layer attends over. A preallocated static cache (fixed `kv_length`, writes by index) or a paged
-cache for a batching server fits the same three methods, so modeling.py never changes for them.
+The model asks a cache where the new tokens start (`get_seq_length`) and how wide the attention
+is once they are written (`kv_length`); each layer calls `update` with its keys and values and the
+cache slots they go to, and gets back what to attend over; after the step the model calls
+`advance`. A growing cache, a preallocated static one (fixed width, written by index, so a
+compiled step never changes shape) and a slot cache for a batching server all fit these four.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ class KVCache:
         return self.get_seq_length() + new_tokens
 
     def update(
-        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor
+        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, cache_position: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, H_kv, T, D) keys/values for a layer; return everything to attend over."""
+        """Store this step's (B, H_kv, T, D) keys/values at slots `cache_position` (T,); return what
+        the layer attends over."""
         raise NotImplementedError
+
+    def advance(self, new_tokens: int) -> None:
+        """The model wrote `new_tokens` more positions in every layer."""
 
 
 class DynamicCache(KVCache):
@@ -40,7 +45,11 @@ class DynamicCache(KVCache):
         return self.keys[0].shape[-2] if self.keys else 0
 
     def update(
-        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor
+        self,
+        layer_idx: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == len(self.keys):
             self.keys.append(key)
@@ -57,3 +66,56 @@ class DynamicCache(KVCache):
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+class StaticCache(KVCache):
+    """Preallocated (B, H_kv, max_length, D) buffers written in place at `cache_position`.
+
+    Its shapes never change, so a compiled decode step runs without recompiling, and its memory is
+    claimed once. Slots not yet written hold zeros and are masked out by the causal mask.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_length = max_length
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_length: int) -> StaticCache:
+        """A cache shaped for `model`'s attention layers (their local head counts under tensor parallel)."""
+        layers = model.base_model.layers
+        attn = layers[0].self_attn
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        return cls(len(layers), batch_size, kv_heads, max_length, attn.head_dim, model.dtype, model.device)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def kv_length(self, new_tokens: int) -> int:
+        if self.length + new_tokens > self.max_length:
+            raise ValueError(
+                f"the static cache holds {self.max_length} positions; {self.length} are used and "
+                f"{new_tokens} more do not fit"
+            )
+        return self.max_length
+
+    def update(
+        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, cache_position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer_idx].index_copy_(2, cache_position, key)
+        self.values[layer_idx].index_copy_(2, cache_position, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens

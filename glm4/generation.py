@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from glm4.cache import DynamicCache
+from glm4.cache import DynamicCache, KVCache, StaticCache
 from glm4.sampling import SamplingParams, sample_next
 
 # (row, generated ids of that row) -> stop now? Used for stop strings, which need a tokenizer.
@@ -31,27 +31,35 @@ def stream_tokens(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     stop_check: StopCheck | None = None,
+    cache: str = "static",
+    compile: bool | None = None,
+    prefill_chunk: int = 512,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,) per step; a finished row gets pad_token_id."""
+    """Yield the next token of every row (B,) per step; a finished row gets pad_token_id.
+
+    cache: "static" (preallocated, the default) or "dynamic" (grows by concatenation).
+    compile: run each decode step as one torch.compile'd graph; None picks it where it pays off.
+    prefill_chunk: the prompt is run through the model this many tokens at a time.
+    """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(
             f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(input_ids.shape)}"
         )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if cache not in ("static", "dynamic"):
+        raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     config = model.config
-    eos = torch.tensor(
-        eos_token_id if eos_token_id is not None else config.eos_token_ids, device=input_ids.device
-    )
-    pad = (
-        pad_token_id
-        if pad_token_id is not None
-        else (config.pad_token_id if config.pad_token_id is not None else int(eos[0]))
-    )
+    device = input_ids.device
+    eos = torch.tensor(eos_token_id if eos_token_id is not None else config.eos_token_ids, device=device)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else int(eos[0])
     B, T = input_ids.shape
     limit = config.max_context
     if limit is not None:
-        if limit <= T:
+        if T >= limit:
             raise ValueError(
                 f"the prompt has {T:,} tokens but the model's context is {limit:,}; shorten it or enable "
                 "rope scaling (YaRN) in config.json"
@@ -60,26 +68,31 @@ def stream_tokens(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     # Left padding: a row's first real token is position 0 (padding positions do not matter).
-    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    if cache == "static":
+        kv = StaticCache.for_model(model, B, _bucket(T + max_new_tokens))
+    else:
+        kv = DynamicCache()
+    if compile is None:
+        compile = cache == "static" and should_compile(model, max_new_tokens)
+    step = compiled_step(model) if compile and cache == "static" else model.decode_step
+
     seen = input_ids
     counts = None
     if params.presence_penalty or params.frequency_penalty:
-        counts = torch.zeros(B, config.vocab_size, device=input_ids.device)
-    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+        counts = torch.zeros(B, config.vocab_size, device=device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
     generated: list[list[int]] = [[] for _ in range(B)]
-    cache = DynamicCache()
-    step_ids = input_ids
     with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            out = model(
-                step_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                logits_to_keep=1,
-            )
-            token = sample_next(out.logits[:, -1], params, seen, counts, generator)
-            token = torch.where(unfinished, token, pad)
+        logits = prefill(model, input_ids, attention_mask, positions, kv, prefill_chunk)
+        # Which cache slots hold real tokens: the prompt's, then each generated one as it is written.
+        width = kv.kv_length(0)
+        key_mask = torch.zeros(B, width, dtype=torch.bool, device=device)
+        key_mask[:, :T] = attention_mask.bool()
+        position = positions[:, -1:]
+        for i in range(max_new_tokens):
+            token = sample_next(logits, params, seen, counts, generator)
+            token = torch.where(unfinished, token, pad_token_id)
             yield token
             if counts is not None:
                 counts.scatter_add_(-1, token[:, None], unfinished[:, None].float())
@@ -89,12 +102,69 @@ def stream_tokens(
                     generated[row].append(int(token[row]))
                     if unfinished[row] and stop_check(row, generated[row]):
                         unfinished[row] = False
-            if not unfinished.any():
+            if not unfinished.any() or i == max_new_tokens - 1:
                 return
             seen = torch.cat([seen, token[:, None]], dim=-1)
-            step_ids = token[:, None]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=-1)
-            position_ids = position_ids[:, -1:] + 1
+            position = position + 1
+            slot = kv.get_seq_length()
+            if cache == "static":
+                key_mask[:, slot] = True
+                mask = key_mask[:, None, None, :]
+            else:
+                key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=-1)
+                mask = key_mask[:, None, None, :]
+            logits = step(token[:, None], position, mask, kv, torch.tensor([slot], device=device))
+            kv.advance(1)
+
+
+def prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache,
+    chunk: int,
+) -> torch.Tensor:
+    """Run the prompt into the cache `chunk` tokens at a time; the last position's logits (B, vocab).
+
+    Chunks bound the activation memory of long prompts; only the very last position goes through
+    the (vocab x hidden) lm_head.
+    """
+    T = input_ids.shape[1]
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
+        out = model(
+            input_ids[:, start:end],
+            attention_mask=attention_mask[:, :end],
+            position_ids=positions[:, start:end],
+            past_key_values=cache,
+            logits_to_keep=1,
+        )
+    return out.logits[:, -1].float()
+
+
+def _bucket(length: int, multiple: int = 256) -> int:
+    """Round cache sizes up, so that later calls reuse the compiled step (its shapes are fixed)."""
+    return -(-length // multiple) * multiple
+
+
+def should_compile(model: torch.nn.Module, max_new_tokens: int) -> bool:
+    """Compiling costs seconds up front; it pays off for real models and longer generations."""
+    if model.config.rope_type == "dynamic":
+        return False  # its frequencies depend on the length, read on the host each step
+    if model.device.type == "cuda":
+        return max_new_tokens >= 16
+    return model.num_parameters() >= 50_000_000 and max_new_tokens >= 64
+
+
+def compiled_step(model: torch.nn.Module):
+    """`model.decode_step` under torch.compile, built once per model and kept on it."""
+    step = getattr(model, "_compiled_decode_step", None)
+    if step is None:
+        mode = "reduce-overhead" if model.device.type == "cuda" else None  # CUDA graphs on the GPU
+        step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
+        model._compiled_decode_step = step
+    return step
 
 
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -124,8 +194,15 @@ class GenerationMixin:
         stop_strings: list[str] | None = None,
         tokenizer: Any = None,
         streamer: Callable[[torch.Tensor], None] | None = None,
+        cache: str = "static",
+        compile: bool | None = None,
+        prefill_chunk: int = 512,
     ) -> torch.Tensor:
-        """Generate like transformers' `generate`; `streamer` is called with each step's tokens (B,)."""
+        """Generate like transformers' `generate`; `streamer` is called with each step's tokens (B,).
+
+        `cache`, `compile` and `prefill_chunk` choose the path (see `stream_tokens`); all paths
+        give the same greedy tokens.
+        """
         kwargs = self.generation_kwargs(
             do_sample=do_sample,
             temperature=temperature,
@@ -140,6 +217,7 @@ class GenerationMixin:
             stop_strings=stop_strings,
             tokenizer=tokenizer,
         )
+        kwargs.update(cache=cache, compile=compile, prefill_chunk=prefill_chunk)
         steps = []
         for token in stream_tokens(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs):
             steps.append(token)

@@ -211,6 +211,7 @@ class Glm4Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None,
+        cache_position: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -218,7 +219,7 @@ class Glm4Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(self.layer_idx, k, v, cache_position)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -266,8 +267,10 @@ class Glm4DecoderLayer(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
+        h = x + self.post_self_attn_layernorm(attn)
         return h + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(h)))
 
 
@@ -364,16 +367,19 @@ class Glm4Model(Glm4PreTrainedModel):
             attention_mask = self._check_mask(attention_mask, B, past + T, kv_len)
         mask = causal_mask(attention_mask, B, T, past, kv_len, x.device)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
+        cache_position = torch.arange(past, past + T, device=x.device) if cache is not None else None
 
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, cache, cache_position, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, cache_position)
             if hidden_states is not None:
                 hidden_states.append(x)
         x = self.norm(x)
+        if cache is not None:
+            cache.advance(T)
         if hidden_states is not None:
             hidden_states[-1] = x  # transformers reports the normed output as the last entry
         return Glm4ModelOutput(x, cache, tuple(hidden_states) if hidden_states is not None else None)
@@ -470,6 +476,26 @@ class Glm4ForCausalLM(Glm4PreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states)
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache,
+        cache_position: torch.Tensor,
+    ) -> torch.Tensor:
+        """forward() for generation: tensors in, last-position logits (B, vocab) out, no checks.
+
+        Everything is a tensor of fixed shape (the mask spans the whole static cache), so under
+        torch.compile one graph serves every step. The caller advances the cache.
+        """
+        base = self.model
+        x = base.embed_tokens(input_ids)
+        cos, sin = base.rotary_emb(position_ids, x.dtype)
+        for layer in base.layers:
+            x = layer(x, cos, sin, mask, cache, cache_position)
+        return self.lm_head(base.norm(x[:, -1])).float()
 
 
 class Glm4ForSequenceClassification(Glm4PreTrainedModel):

@@ -1,0 +1,75 @@
+"""The fast paths give the same tokens: static == dynamic cache, compiled == eager, chunked prefill."""
+
+import pytest
+import torch
+from helpers import random_ids, tiny_lm
+
+from glm4.cache import DynamicCache, StaticCache
+
+
+def batch():
+    ids = random_ids(2, 9, seed=3)
+    mask = torch.ones_like(ids)
+    ids[0, :4], mask[0, :4] = 0, 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_lm(seed=1, initializer_range=0.2)
+
+
+def test_static_cache_equals_dynamic(model):
+    ids, mask = batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, eos_token_id=[], compile=False)
+    static = model.generate(ids, cache="static", **kwargs)
+    dynamic = model.generate(ids, cache="dynamic", **kwargs)
+    assert torch.equal(static, dynamic) and static.shape == (2, 29)
+
+
+def test_static_cache_forward_equals_full_forward(model):
+    ids = random_ids(1, 12)
+    cache = StaticCache.for_model(model, 1, 32)
+    with torch.no_grad():
+        full = model(ids).logits
+        first = model(ids[:, :5], past_key_values=cache).logits
+        rest = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(5, 12)]
+    assert cache.get_seq_length() == 12 and cache.kv_length(1) == 32
+    assert (torch.cat([first, *rest], 1) - full).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="static cache holds 32 positions"):
+        model(random_ids(1, 30), past_key_values=cache)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 64])
+def test_chunked_prefill_equals_one_shot(model, chunk):
+    ids, mask = batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=[], compile=False)
+    assert torch.equal(model.generate(ids, prefill_chunk=chunk, **kwargs), model.generate(ids, **kwargs))
+
+
+def test_compiled_equals_eager_and_compiles_once(model):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    ids, mask = batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    eager = model.generate(ids, compile=False, **kwargs)
+    before = counters["stats"]["unique_graphs"]
+    compiled = model.generate(ids, compile=True, **kwargs)
+    after_first = counters["stats"]["unique_graphs"]
+    assert torch.equal(compiled, eager)
+    assert after_first - before == 1  # one graph for all 19 decode steps
+    # A second generation of another length reuses it: the cache size is bucketed.
+    model.generate(ids[:, 2:], attention_mask=mask[:, 2:], max_new_tokens=20, eos_token_id=[], compile=True)
+    assert counters["stats"]["unique_graphs"] == after_first
+
+
+def test_compile_is_chosen_only_where_it_pays(model):
+    from glm4.generation import should_compile
+
+    assert not should_compile(model, 512)  # a tiny model on the CPU: compiling costs more than it saves
+    assert not should_compile(tiny_lm(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), 512)
+
+
+def test_dynamic_cache_type_is_what_the_model_returns(model):
+    assert isinstance(model(random_ids(1, 3)).past_key_values, DynamicCache)
