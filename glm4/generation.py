@@ -109,10 +109,9 @@ def stream_tokens(
             slot = kv.get_seq_length()
             if cache == "static":
                 key_mask[:, slot] = True
-                mask = key_mask[:, None, None, :]
             else:
                 key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=-1)
-                mask = key_mask[:, None, None, :]
+            mask = key_mask[:, None, None, :]
             logits = step(token[:, None], position, mask, kv, torch.tensor([slot], device=device))
             kv.advance(1)
 
