@@ -160,8 +160,13 @@ def compiled_step(model: torch.nn.Module):
     """`model.decode_step` under torch.compile, built once per model and kept on it."""
     step = getattr(model, "_compiled_decode_step", None)
     if step is None:
-        mode = "reduce-overhead" if model.device.type == "cuda" else None  # CUDA graphs on the GPU
-        step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
+        if model.device.type == "cuda":
+            step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        else:
+            # Materialise every intermediate instead of recomputing it inside the consumers: otherwise
+            # inductor inlines a norm into the next matmul-as-reduction and redoes it for every row.
+            options = {"realize_reads_threshold": 1, "realize_opcount_threshold": 1}
+            step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)
         model._compiled_decode_step = step
     return step
 

@@ -54,6 +54,24 @@ class TokenClassifierOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+# -- linear ---------------------------------------------------------------------------------------
+
+
+class Linear(nn.Linear):
+    """nn.Linear, except for one row at a time under torch.compile on the CPU (batch-1 decoding).
+
+    There the product is written as a multiply-reduce that inductor fuses into one pass over the
+    weight, which streams at close to memory bandwidth; the library GEMV reaches about half of it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+            y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1).to(x.dtype)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y + self.bias if self.bias is not None else y
+        return super().forward(x)
+
+
 # -- norm ----------------------------------------------------------------------------------------
 
 
@@ -190,6 +208,21 @@ def causal_mask(
     return mask
 
 
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention of one query per row (decoding), written out: the library kernel's setup costs more
+    than the arithmetic at this size, and a compiled step fuses it. GQA groups share their KV head."""
+    B, H, _, D = q.shape
+    groups = H // k.shape[1]
+    q = q.view(B, -1, groups, D).float()  # (B, H_kv, G, D)
+    scores = torch.einsum("bhgd,bhsd->bhgs", q, k.float()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts
+    probs = scores.softmax(-1)
+    return torch.einsum("bhgs,bhsd->bhgd", probs, v.float()).to(v.dtype).reshape(B, H, 1, D)
+
+
 class Glm4Attention(nn.Module):
     def __init__(self, config: Glm4Config, layer_idx: int) -> None:
         super().__init__()
@@ -199,10 +232,10 @@ class Glm4Attention(nn.Module):
         self.dropout = config.attention_dropout
         bias = config.attention_bias
         hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(heads * self.head_dim, hidden, bias=False)
 
     def forward(
         self,
@@ -220,6 +253,9 @@ class Glm4Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)
+        if T == 1 and not self.training:
+            out = decode_attention(q, k, v, mask, self.scaling)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -239,8 +275,8 @@ class Glm4Attention(nn.Module):
 class Glm4MLP(nn.Module):
     def __init__(self, config: Glm4Config) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # first half is the gate
@@ -443,7 +479,7 @@ class Glm4ForCausalLM(Glm4PreTrainedModel, GenerationMixin):
         super().__init__()
         self.config = config
         self.model = Glm4Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.lm_head.weight.device.type != "meta":
             nn.init.normal_(self.lm_head.weight, std=config.initializer_range)
         if config.tie_word_embeddings:

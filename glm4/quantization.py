@@ -19,6 +19,12 @@ METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 64
 
 
+def _compiled_single_row(x: torch.Tensor) -> bool:
+    """Batch-1 decoding compiled on the CPU: there a fused dequantize-multiply-reduce streams the
+    quantized weight faster than the library kernels (see modeling.Linear)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale).T, q int8 per row, one scale per output channel."""
 
@@ -41,7 +47,10 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
+        if _compiled_single_row(x):
+            y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1) * self.scales.float()
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype)
             ).view(*x.shape[:-1], self.out_features)
@@ -74,8 +83,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.zeros(out_features, groups, 2, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
-        self.packed: torch.Tensor | None = None  # the CPU kernel's own layout, made by pack()
-        self.packed_scales: torch.Tensor | None = None
+        # The CPU kernel's own layout, made by pack(); not saved.
+        self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("packed_scales", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
@@ -114,6 +124,7 @@ class Int4Linear(nn.Module):
         return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (A compiled multiply-reduce measured slower than this kernel for int4; int8 is the reverse.)
         if x.device.type == "cpu" and self.packed is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, self.in_features), self.packed, self.group_size, self.packed_scales.to(x.dtype)
