@@ -194,9 +194,8 @@ def main() -> None:
             print("\nratios against transformers (same weights, same run):")
             for name in [n for n in results if n.startswith("glm4 ")]:
                 print(f"  {name} decode batch 1 / transformers bf16: {results[name] / results['hf']:.2f}x")
-            print(
-                f"  glm4 bf16 prefill 512 / transformers: {results['prefill glm4'] / results['prefill hf']:.2f}x"
-            )
+            prefill = results["prefill glm4"] / results["prefill hf"]
+            print(f"  glm4 bf16 prefill 512 / transformers: {prefill:.2f}x")
             for b in [int(x) for x in args.batches.split(",") if x]:
                 ratio = results[f"batch {b} glm4"] / results[f"batch {b} hf"]
                 print(f"  glm4 bf16 decode batch {b} / transformers: {ratio:.2f}x")
