@@ -22,6 +22,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16 or float32")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--chat-template", default=None, help="glm4, glm-z1, a .jinja file, or template text")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -134,11 +135,17 @@ def start_messages(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{"role": "system", "content": args.system}] if args.system else []
 
 
-def cmd_generate(args: argparse.Namespace, out: TextIO) -> int:
+def load_pipeline(args: argparse.Namespace) -> Any:
     from glm4.pipeline import Glm4Pipeline
 
+    return Glm4Pipeline.from_pretrained(
+        args.model, args.dtype, args.device, args.chat_template, quantization=args.quantize
+    )
+
+
+def cmd_generate(args: argparse.Namespace, out: TextIO) -> int:
     tools = load_tools(args.tools)
-    pipe = Glm4Pipeline.from_pretrained(args.model, args.dtype, args.device, args.chat_template)
+    pipe = load_pipeline(args)
     if args.raw:
         printer = Printer(out)
         for chunk in pipe.stream_text(args.prompt, **sampling_kwargs(args)):
@@ -168,10 +175,8 @@ def read_message(prompt: str, out: TextIO) -> str | None:
 
 
 def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
-    from glm4.pipeline import Glm4Pipeline
-
     tools = load_tools(args.tools)
-    pipe = Glm4Pipeline.from_pretrained(args.model, args.dtype, args.device, args.chat_template)
+    pipe = load_pipeline(args)
     out.write(f"glm4 chat with {args.model or 'the bundled demo model'}. {HELP_CHAT}\n")
     messages = start_messages(args)
     while True:

@@ -57,11 +57,12 @@ class Glm4Pipeline:
         device: str = "auto",
         chat_template: str | None = None,
         revision: str | None = None,
+        quantization: str | None = None,
     ) -> Glm4Pipeline:
         """Model and tokenizer from one folder or hub id (the bundled demo model by default)."""
         path = path_or_repo_id or default_model_path()
         model = Glm4ForCausalLM.from_pretrained(
-            path, dtype=dtype, device=resolve_device(device), revision=revision
+            path, dtype=dtype, device=resolve_device(device), revision=revision, quantization=quantization
         )
         tokenizer = Glm4Tokenizer.from_pretrained(path, revision=revision, chat_template=chat_template)
         return cls(model, tokenizer)

@@ -81,3 +81,8 @@ def test_chat_session(checkpoint):
 
 def test_chat_ends_at_eof(checkpoint):
     assert run(["chat", "--model", checkpoint, "--max-new-tokens", "2"], "Hello\n")[0] == 0
+
+
+def test_quantize_flag_on_the_demo_model(capsys):
+    assert main(["generate", "What is the capital of Japan?", "--quantize", "int8", "--device", "cpu"]) == 0
+    assert "Tokyo" in capsys.readouterr().out
