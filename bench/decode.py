@@ -143,12 +143,25 @@ def main() -> None:
             Glm4ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp)
         prompt = torch.randint(0, 151552, (1, args.prompt), device=device)
         results = {}
+        probe = torch.randint(0, 151552, (1, 64), device=device)
+        reference = None
         variants = [("glm4 bf16", None)] + (
             [] if args.skip_quantized else [("glm4 int8", "int8"), ("glm4 int4", "int4")]
         )
         for name, quant in variants:
             model = Glm4ForCausalLM.from_pretrained(tmp, device=device, quantization=quant)
             per_token = weight_bytes_per_token(model)
+            with torch.inference_mode():
+                logits = model(probe).logits.float()
+            if reference is None:
+                reference = logits
+            else:
+                err = ((logits - reference).abs().max() / reference.abs().max()).item()
+                top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+                row(
+                    f"{name}: logits vs bf16 (64 positions)",
+                    f"max |diff| {err:.1%} of max |logit|, top-1 agrees {top1:.0%}",
+                )
             glm4_decode(model, prompt, args.new_tokens, device)  # warm up (and compile) the same path
             ttft, rate = glm4_decode(model, prompt, args.new_tokens, device)
             roof = rate * per_token / bw
