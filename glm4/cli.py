@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_args(sub)
         add_sampling_args(sub)
         add_chat_args(sub)
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible API (and a chat page)")
+    add_model_args(serve)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    serve.add_argument("--max-model-len", type=int, default=None, help="positions per sequence (cache size)")
+    serve.add_argument(
+        "--queue-timeout", type=float, default=30.0, help="seconds a request may wait for a slot"
+    )
+    serve.add_argument("--served-model-name", default=None, help="the model id clients use")
     return parser
 
 
@@ -206,10 +219,30 @@ def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
             messages += answer
 
 
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    from glm4.server import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch_size=args.max_batch_size,
+        max_model_len=args.max_model_len,
+        queue_timeout=args.queue_timeout,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        device=args.device,
+        chat_template=args.chat_template,
+        quantization=args.quantize,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "chat": cmd_chat}
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
     try:
         return commands[args.command](args, out)
     except KeyboardInterrupt:

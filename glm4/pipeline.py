@@ -115,27 +115,47 @@ class Glm4Pipeline:
         stops = set(kwargs["eos_token_id"]) | set(self.tokenizer.stop_token_ids)
         kwargs["eos_token_id"] = sorted(stops)
         input_ids = torch.tensor([ids], device=self.model.device)
-        decoder = self.tokenizer.stream_decoder()
-        count, finish, called = 0, "length", False
+        reply = ReplyStream(self.tokenizer, parser)
+        count, finish = 0, "length"
         for token in stream_tokens(self.model, input_ids, max_new_tokens=max_new_tokens, **kwargs):
             count += 1
-            token_id = int(token[0])
-            if token_id in stops:
+            if int(token[0]) in stops:
                 finish = "stop"
                 break
-            delta = parser.feed(decoder.add(token_id))
-            called |= bool(delta.tool_calls)
-            if delta.content or delta.reasoning or delta.tool_calls:
-                yield _chunk(delta)
-        last = _chunk(parser.feed(decoder.flush()))
-        tail = parser.finish()
+            chunk = reply.token(int(token[0]))
+            if chunk is not None:
+                yield chunk
+        yield reply.finish(finish, len(ids), count)
+
+
+class ReplyStream:
+    """Token ids of one reply in, ChatChunks out: text deltas split by the output parser."""
+
+    def __init__(self, tokenizer: Glm4Tokenizer, parser: StreamParser) -> None:
+        self.decoder = tokenizer.stream_decoder()
+        self.parser = parser
+        self.called = False
+
+    def token(self, token_id: int) -> ChatChunk | None:
+        delta = self.parser.feed(self.decoder.add(token_id))
+        self.called |= bool(delta.tool_calls)
+        return _chunk(delta) if delta.content or delta.reasoning or delta.tool_calls else None
+
+    def finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> ChatChunk:
+        """The last chunk: what was held back, the finish reason ("tool_calls" after a call) and counts."""
+        last = _chunk(self.parser.feed(self.decoder.flush()))
+        tail = self.parser.finish()
         last.content += tail.content
         last.reasoning += tail.reasoning
         last.tool_calls += tail.tool_calls
-        if finish == "stop" and (called or last.tool_calls):
-            finish = "tool_calls"
-        last.finish_reason, last.prompt_tokens, last.completion_tokens = finish, len(ids), count
-        yield last
+        if reason == "stop" and (self.called or last.tool_calls):
+            reason = "tool_calls"
+        last.finish_reason, last.prompt_tokens, last.completion_tokens = (
+            reason,
+            prompt_tokens,
+            completion_tokens,
+        )
+        return last
 
 
 def _chunk(delta: Delta) -> ChatChunk:

@@ -87,12 +87,12 @@ def build_test_tokenizer_folder(folder, chat_template: str | None = "glm4"):
     return tok
 
 
-def build_tiny_checkpoint(folder, chat_template: str = "glm4", seed: int = 0):
+def build_tiny_checkpoint(folder, chat_template: str = "glm4", seed: int = 0, context: int = 512):
     """A random tiny GLM-4 model with the test tokenizer, saved as one checkpoint folder."""
     tok = build_test_tokenizer_folder(folder, chat_template)
     stops = tok.stop_token_ids
     model = tiny_lm(
-        seed, vocab_size=448, pad_token_id=stops[0], eos_token_id=stops, max_position_embeddings=512
+        seed, vocab_size=448, pad_token_id=stops[0], eos_token_id=stops, max_position_embeddings=context
     )
     model.save_pretrained(folder)
     return model, tok

@@ -1,0 +1,307 @@
+"""Continuous batching: many sequences, one model, one loop.
+
+The engine's thread owns the model. Each step it admits waiting requests into free cache slots
+(prefilling their prompts), then runs one decode step over every slot at once and hands each
+request its next token. A finished or cancelled request leaves its slot at once, and the next
+waiting one takes it at the following step. The KV cache is one preallocated block of
+`max_batch_size` slots of `max_model_len` positions: that is the memory budget.
+
+A request's greedy tokens do not depend on its neighbours: every step runs all slots, so a
+request alone goes through the very same batched arithmetic as one among others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from glm4.cache import KVCache
+from glm4.generation import compiled_step, should_compile
+from glm4.sampling import SamplingParams, sample_next
+
+logger = logging.getLogger("glm4")
+
+# What a request's consumer receives: token ids, then a Finished.
+Emit = Callable[[object], None]
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop", "length", "cancelled", "timeout" or "error"
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    emit: Emit
+    seed: int | None = None
+    id: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    # Set by the engine while the request runs.
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request and free its slot (safe from any thread)."""
+        self.cancelled = True
+
+
+class SlotCache(KVCache):
+    """(slots, H_kv, max_len, D) buffers; each slot is one sequence with its own length.
+
+    Decode steps write one position per slot (`cache_position` has one entry per row); a prompt is
+    prefilled into one slot through `view(slot)`.
+    """
+
+    def __init__(self, model: torch.nn.Module, slots: int, max_length: int) -> None:
+        layers = model.base_model.layers
+        attn = layers[0].self_attn
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        shape = (slots, kv_heads, max_length, attn.head_dim)
+        device, dtype = model.device, model.dtype
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.rows = torch.arange(slots, device=device)
+        self.lengths = [0] * slots
+        self.max_length = max_length
+
+    def update(
+        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, cache_position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # One new position per slot: row r writes at cache_position[r].
+        self.keys[layer_idx][self.rows, :, cache_position] = key[:, :, 0]
+        self.values[layer_idx][self.rows, :, cache_position] = value[:, :, 0]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def view(self, slot: int) -> _SlotView:
+        return _SlotView(self, slot)
+
+
+class _SlotView(KVCache):
+    """One slot of a SlotCache as an ordinary cache of batch 1, for prefilling a prompt."""
+
+    def __init__(self, cache: SlotCache, slot: int) -> None:
+        self.cache, self.slot = cache, slot
+
+    def get_seq_length(self) -> int:
+        return self.cache.lengths[self.slot]
+
+    def kv_length(self, new_tokens: int) -> int:
+        return self.cache.max_length
+
+    def update(
+        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, cache_position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.cache.keys[layer_idx][self.slot : self.slot + 1]
+        values = self.cache.values[layer_idx][self.slot : self.slot + 1]
+        keys.index_copy_(2, cache_position, key)
+        values.index_copy_(2, cache_position, value)
+        return keys, values
+
+    def advance(self, new_tokens: int) -> None:
+        self.cache.lengths[self.slot] += new_tokens
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_batch_size: int = 8,
+        max_model_len: int | None = None,
+        queue_timeout: float = 30.0,
+        compile: bool | None = None,
+        prefill_chunk: int = 512,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        context = model.config.max_context or model.config.max_position_embeddings
+        self.max_model_len = min(max_model_len or context, context)
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+        self.model = model
+        self.slots = max_batch_size
+        self.queue_timeout = queue_timeout
+        self.prefill_chunk = prefill_chunk
+        self.cache = SlotCache(model, max_batch_size, self.max_model_len)
+        device = model.device
+        self.key_mask = torch.zeros(max_batch_size, self.max_model_len, dtype=torch.bool, device=device)
+        self.key_mask[:, 0] = True  # an empty slot attends to something, so it computes no NaN
+        self.tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
+        self.write_at = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+        if compile is None:
+            compile = should_compile(model, 64)
+        self.step_fn = compiled_step(model) if compile else model.decode_step
+        self.active: dict[int, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.ids = itertools.count(1)
+        self.lock = threading.Condition()
+        self.running = True
+        self.steps = 0
+        self.thread = threading.Thread(target=self._loop, name="glm4-engine", daemon=True)
+        self.thread.start()
+
+    # -- the API, callable from any thread -----------------------------------------------------
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop_ids: set[int] | frozenset[int],
+        emit: Emit,
+        seed: int | None = None,
+    ) -> Request:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt):,} tokens but the context is {self.max_model_len:,} "
+                "(--max-model-len); shorten it"
+            )
+        request = Request(
+            list(prompt), params, max_new_tokens, frozenset(stop_ids), emit, seed, next(self.ids)
+        )
+        with self.lock:
+            self.waiting.append(request)
+            self.lock.notify()
+        return request
+
+    def generate(
+        self, prompt: list[int], params: SamplingParams, max_new_tokens: int, stop_ids: set[int], seed=None
+    ) -> Iterator[int | Finished]:
+        """Blocking helper: the request's tokens, then its Finished."""
+        import queue
+
+        out: queue.Queue = queue.Queue()
+        self.submit(prompt, params, max_new_tokens, stop_ids, out.put, seed)
+        while True:
+            item = out.get()
+            yield item
+            if isinstance(item, Finished):
+                return
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify()
+        self.thread.join(timeout=10)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.lock:
+                while self.running and not self.active and not self.waiting:
+                    self.lock.wait()
+                if not self.running:
+                    break
+            try:
+                self._admit()
+                self._expire_waiting()
+                if self.active:
+                    self._step()
+            except Exception as e:  # never let one request take the loop down
+                logger.exception("engine step failed")
+                for request in [*self.active.values()]:
+                    self._finish(request, "error", str(e))
+
+    def _admit(self) -> None:
+        while True:
+            with self.lock:
+                free = [s for s in range(self.slots) if s not in self.active]
+                if not free or not self.waiting:
+                    return
+                request = self.waiting.popleft()
+            if request.cancelled:
+                request.emit(Finished("cancelled", 0))
+                continue
+            self._prefill(request, free[0])
+
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            expired = [r for r in self.waiting if now - r.submitted > self.queue_timeout or r.cancelled]
+            for r in expired:
+                self.waiting.remove(r)
+        for r in expired:
+            r.emit(Finished("cancelled" if r.cancelled else "timeout", 0))
+
+    def _prefill(self, request: Request, slot: int) -> None:
+        request.slot = slot
+        if request.seed is not None:
+            request.generator = torch.Generator(self.model.device).manual_seed(request.seed)
+        self.cache.lengths[slot] = 0
+        view = self.cache.view(slot)
+        ids = torch.tensor([request.prompt], device=self.model.device)
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            out = self.model(
+                ids[:, start : start + self.prefill_chunk], past_key_values=view, logits_to_keep=1
+            )
+        T = len(request.prompt)
+        self.key_mask[slot] = False
+        self.key_mask[slot, :T] = True
+        self.active[slot] = request
+        self._take(request, out.logits[:, -1].float())
+
+    def _step(self) -> None:
+        for slot, request in self.active.items():
+            self.tokens[slot, 0] = request.generated[-1]
+            position = self.cache.lengths[slot]
+            self.positions[slot, 0] = position
+            self.write_at[slot] = position
+            self.key_mask[slot, position] = True
+        mask = self.key_mask[:, None, None, :]
+        logits = self.step_fn(self.tokens, self.positions, mask, self.cache, self.write_at)
+        self.steps += 1
+        for slot, request in list(self.active.items()):
+            self.cache.lengths[slot] += 1
+            self._take(request, logits[slot : slot + 1])
+
+    def _take(self, request: Request, logits: torch.Tensor) -> None:
+        """Sample the request's next token from its logits (1, vocab), emit it, maybe finish it."""
+        if request.cancelled:
+            self._finish(request, "cancelled")
+            return
+        params = request.params
+        seen = counts = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor([request.prompt + request.generated], device=logits.device)
+        if params.presence_penalty or params.frequency_penalty:
+            counts = torch.zeros_like(logits)
+            if request.generated:
+                counts[0].index_add_(
+                    0,
+                    torch.tensor(request.generated, device=logits.device),
+                    torch.ones(len(request.generated), device=logits.device),
+                )
+        token = int(sample_next(logits, params, seen, counts, request.generator)[0])
+        request.generated.append(token)
+        if token in request.stop_ids:
+            self._finish(request, "stop")
+            return
+        request.emit(token)
+        used = len(request.prompt) + len(request.generated)
+        if len(request.generated) >= request.max_new_tokens or used >= self.max_model_len:
+            self._finish(request, "length")
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        self.active.pop(request.slot, None)
+        self.key_mask[request.slot] = False
+        self.key_mask[request.slot, 0] = True
+        request.emit(Finished(reason, len(request.generated), error))

@@ -1,0 +1,94 @@
+"""The continuous-batching engine: batched greedy equals alone, queueing, timeouts, cancellation."""
+
+import threading
+
+import torch
+from helpers import random_ids, tiny_lm
+
+from glm4.engine import Engine, Finished
+from glm4.sampling import SamplingParams
+
+GREEDY = SamplingParams()
+
+
+def tokens_of(stream):
+    out = list(stream)
+    assert isinstance(out[-1], Finished)
+    return out[:-1], out[-1]
+
+
+def test_engine_greedy_equals_generate_alone_and_batched():
+    model = tiny_lm(seed=1, initializer_range=0.2, max_position_embeddings=128)
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (3, 7, 5, 9, 4, 6)]
+    expected = []
+    for p in prompts:
+        out = model.generate(torch.tensor([p]), max_new_tokens=10, eos_token_id=[], compile=False)
+        expected.append(out[0, len(p) :].tolist())
+    engine = Engine(model, max_batch_size=4, compile=False)
+    try:
+        alone = [tokens_of(engine.generate(p, GREEDY, 10, set()))[0] for p in prompts]
+        assert alone == expected
+        # All at once: 6 requests in 4 slots, joining and leaving the running batch.
+        results = [None] * len(prompts)
+
+        def run(i):
+            results[i] = tokens_of(engine.generate(prompts[i], GREEDY, 10 if i % 2 else 4 + i, set()))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (tokens, finished) in enumerate(results):
+            n = 10 if i % 2 else 4 + i
+            assert (
+                tokens == expected[i][:n] and finished.reason == "length" and finished.completion_tokens == n
+            )
+    finally:
+        engine.shutdown()
+
+
+def test_stop_ids_and_seeded_sampling():
+    model = tiny_lm(seed=1, initializer_range=0.2)
+    engine = Engine(model, max_batch_size=2, compile=False)
+    try:
+        prompt = random_ids(1, 5)[0].tolist()
+        tokens, _ = tokens_of(engine.generate(prompt, GREEDY, 8, set()))
+        stopped, finished = tokens_of(engine.generate(prompt, GREEDY, 8, {tokens[3]}))
+        assert stopped == tokens[: tokens.index(tokens[3])] and finished.reason == "stop"
+        sampled = SamplingParams(do_sample=True, temperature=1.5)
+        a = tokens_of(engine.generate(prompt, sampled, 12, set(), seed=3))[0]
+        assert a == tokens_of(engine.generate(prompt, sampled, 12, set(), seed=3))[0]
+        assert a != tokens_of(engine.generate(prompt, sampled, 12, set(), seed=4))[0]
+    finally:
+        engine.shutdown()
+
+
+def test_queue_timeout_and_cancellation_free_the_slot():
+    model = tiny_lm(seed=1, max_position_embeddings=4096)
+    engine = Engine(model, max_batch_size=1, queue_timeout=0.2, compile=False)
+    try:
+        got = []
+        busy = engine.submit(random_ids(1, 4)[0].tolist(), GREEDY, 3000, set(), got.append)
+        waiting = list(engine.generate(random_ids(1, 4)[0].tolist(), GREEDY, 5, set()))
+        assert waiting == [Finished("timeout", 0)]
+        busy.cancel()
+        tokens, finished = tokens_of(engine.generate(random_ids(1, 4)[0].tolist(), GREEDY, 5, set()))
+        assert len(tokens) == 5 and finished.reason == "length"
+        assert isinstance(got[-1], Finished) and got[-1].reason == "cancelled"
+        assert not engine.active
+    finally:
+        engine.shutdown()
+
+
+def test_prompt_longer_than_the_context_is_refused():
+    engine = Engine(tiny_lm(), max_batch_size=1, max_model_len=16, compile=False)
+    try:
+        import pytest
+
+        with pytest.raises(ValueError, match="prompt has 16 tokens but the context is 16"):
+            engine.submit(list(range(4, 20)), GREEDY, 4, set(), print)
+        tokens, finished = tokens_of(engine.generate(list(range(4, 14)), GREEDY, 100, set()))
+        assert finished.reason == "length" and len(tokens) + 10 <= 16
+    finally:
+        engine.shutdown()
