@@ -255,7 +255,7 @@ def create_app(
         except Exception as e:  # a template error is the request's fault
             raise ApiError(
                 400, f"could not render the chat template: {e}", "invalid_request_error", "messages"
-            )
+            ) from None
         parser = StreamParser(reasoning=pipeline.reasoning, tools=bool(tools))
         request, queue = submit(prompt, body, body.max_completion_tokens or body.max_tokens)
         chunks = follow(request, queue, body, parser)
@@ -285,8 +285,8 @@ def create_app(
             return StreamingResponse(sse(events), media_type="text/event-stream")
         whole = await collect(chunks)
         choice = {"index": 0, "text": whole.content, "logprobs": None, "finish_reason": whole.finish_reason}
-        return {"id": rid, "object": "text_completion", "created": now, "model": body.model, "choices": [choice],
-                "usage": usage_of(whole)}  # fmt: skip
+        return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
+                "choices": [choice], "usage": usage_of(whole)}  # fmt: skip
 
     app.include_router(v1)
     return app

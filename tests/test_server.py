@@ -172,8 +172,9 @@ def test_stop_strings(client):
 
 
 def post(server, body, headers=None, raw=None):
-    return httpx.post(server.url + "/v1/chat/completions", json=body if raw is None else None,
-                      content=raw, headers={"content-type": "application/json", **(headers or {})})  # fmt: skip
+    headers = {"content-type": "application/json", **(headers or {})}
+    url = server.url + "/v1/chat/completions"
+    return httpx.post(url, json=body if raw is None else None, content=raw, headers=headers)
 
 
 def test_malformed_json_and_wrong_types_are_400(server):
@@ -231,8 +232,8 @@ def test_busy_server_answers_503_and_a_dropped_stream_frees_its_slot(tmp_path):
         pipe.model.lm_head.weight.zero_()
     srv, engine = start(pipe, max_batch_size=1, queue_timeout=0.3)
     try:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8000, "stream": True,
-                "temperature": 0}  # fmt: skip
+        messages = [{"role": "user", "content": "Hello"}]
+        body = {"model": MODEL, "messages": messages, "max_tokens": 8000, "stream": True, "temperature": 0}
         with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body) as long:
             assert long.status_code == 200
             lines = long.iter_lines()  # (kept: a dropped iterator closes the connection)
