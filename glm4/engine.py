@@ -269,16 +269,23 @@ class Engine:
         mask = self.key_mask[:, None, None, :]
         logits = self.step_fn(self.tokens, self.positions, mask, self.cache, self.write_at)
         self.steps += 1
+        greedy = logits.argmax(-1).tolist()  # one call for every row that needs nothing more
         for slot, request in list(self.active.items()):
             self.cache.lengths[slot] += 1
-            self._take(request, logits[slot : slot + 1])
+            self._take(request, logits[slot : slot + 1], greedy[slot])
 
-    def _take(self, request: Request, logits: torch.Tensor) -> None:
+    def _take(self, request: Request, logits: torch.Tensor, argmax: int | None = None) -> None:
         """Sample the request's next token from its logits (1, vocab), emit it, maybe finish it."""
         if request.cancelled:
             self._finish(request, "cancelled")
             return
         params = request.params
+        plain = (
+            params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
+        )
+        if argmax is not None and params.greedy and plain:
+            self._emit(request, argmax)
+            return
         seen = counts = None
         if params.repetition_penalty != 1.0:
             seen = torch.tensor([request.prompt + request.generated], device=logits.device)
@@ -290,7 +297,9 @@ class Engine:
                     torch.tensor(request.generated, device=logits.device),
                     torch.ones(len(request.generated), device=logits.device),
                 )
-        token = int(sample_next(logits, params, seen, counts, request.generator)[0])
+        self._emit(request, int(sample_next(logits, params, seen, counts, request.generator)[0]))
+
+    def _emit(self, request: Request, token: int) -> None:
         request.generated.append(token)
         if token in request.stop_ids:
             self._finish(request, "stop")

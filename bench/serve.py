@@ -1,0 +1,86 @@
+"""Aggregate throughput and latency of the server under N concurrent streaming clients.
+
+Starts the server in this process twice on the same model, once batching up to N sequences and
+once one request at a time, and sends the same N streaming chat requests to each.
+
+    python bench/serve.py [--clients 16] [--model PATH] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_server import start  # noqa: E402  (the same in-process uvicorn helper the tests use)
+
+from glm4.demo.train import CAPITALS  # noqa: E402
+from glm4.pipeline import Glm4Pipeline  # noqa: E402
+
+
+async def one(
+    client: httpx.AsyncClient, url: str, question: str, max_tokens: int
+) -> tuple[float, float, int]:
+    """(time to first token, total time, tokens) of one streamed request."""
+    body = {"model": "glm4-demo", "messages": [{"role": "user", "content": question}], "stream": True,
+            "max_tokens": max_tokens, "temperature": 0, "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    first, tokens = None, 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if first is None and '"content"' in line and '"content": ""' not in line:
+                first = time.perf_counter() - start
+            if '"usage"' in line and '"choices": []' in line:
+                import json
+
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return first or 0.0, time.perf_counter() - start, tokens
+
+
+async def load(url: str, clients: int, max_tokens: int) -> tuple[float, list[float], list[float]]:
+    questions = [f"What is the capital of {c}?" for c in CAPITALS][:clients]
+    questions += [f"What is {i % 10} + {(i * 3) % 10}?" for i in range(clients - len(questions))]
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(client, url, q, max_tokens) for q in questions))
+        wall = time.perf_counter() - start
+    return sum(r[2] for r in results) / wall, [r[0] for r in results], [r[1] for r in results]
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--model", default=None, help="checkpoint (default: the demo model)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    pipeline = Glm4Pipeline.from_pretrained(args.model, device="cpu")
+    rates = {}
+    for label, batch in (("batched", args.clients), ("one at a time", 1)):
+        server, engine = start(pipeline, max_batch_size=batch, queue_timeout=600)
+        try:
+            asyncio.run(load(server.url, 2, 4))  # warm up
+            rate, ttft, total = asyncio.run(load(server.url, args.clients, args.max_tokens))
+        finally:
+            server.stop()
+            engine.shutdown()
+        rates[label] = rate
+        print(f"{label:>14} (max batch {batch:>2}): {rate:7.1f} tok/s aggregate | time to first token "
+              f"p50 {pct(ttft, 50) * 1000:6.0f} ms p90 {pct(ttft, 90) * 1000:6.0f} ms | request latency "
+              f"p50 {pct(total, 50) * 1000:6.0f} ms p90 {pct(total, 90) * 1000:6.0f} ms")  # fmt: skip
+    print(
+        f"{args.clients} clients: batched / one at a time = {rates['batched'] / rates['one at a time']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
