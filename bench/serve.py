@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import time
@@ -28,8 +29,9 @@ async def one(
     client: httpx.AsyncClient, url: str, question: str, max_tokens: int
 ) -> tuple[float, float, int]:
     """(time to first token, total time, tokens) of one streamed request."""
-    body = {"model": "glm4-demo", "messages": [{"role": "user", "content": question}], "stream": True,
-            "max_tokens": max_tokens, "temperature": 0, "stream_options": {"include_usage": True}}  # fmt: skip
+    messages = [{"role": "user", "content": question}]
+    body = {"model": "glm4-demo", "messages": messages, "stream": True, "max_tokens": max_tokens,
+            "temperature": 0, "stream_options": {"include_usage": True}}  # fmt: skip
     start = time.perf_counter()
     first, tokens = None, 0
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
@@ -37,8 +39,6 @@ async def one(
             if first is None and '"content"' in line and '"content": ""' not in line:
                 first = time.perf_counter() - start
             if '"usage"' in line and '"choices": []' in line:
-                import json
-
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     return first or 0.0, time.perf_counter() - start, tokens
 
