@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_server import start  # noqa: E402  (the same in-process uvicorn helper the tests use)
 
 from glm4.demo.train import CAPITALS  # noqa: E402
-from glm4.pipeline import Glm4Pipeline  # noqa: E402
+from glm4.pipeline import Glm4Pipeline, default_model_path  # noqa: E402
 
 
 async def one(
@@ -53,6 +53,23 @@ async def load(url: str, clients: int, max_tokens: int) -> tuple[float, list[flo
     return sum(r[2] for r in results) / wall, [r[0] for r in results], [r[1] for r in results]
 
 
+def glm4_shaped() -> Glm4Pipeline:
+    """The decode benchmark's layer shapes, random bf16 weights, the demo's tokenizer and vocabulary."""
+    import torch
+
+    from glm4 import Glm4Config, Glm4ForCausalLM
+    from glm4.tokenizer import Glm4Tokenizer
+
+    tokenizer = Glm4Tokenizer.from_pretrained(default_model_path())
+    demo = Glm4Config.from_pretrained(default_model_path())
+    config = Glm4Config(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=2,
+                        head_dim=64, intermediate_size=2816, vocab_size=demo.vocab_size, rms_norm_eps=1e-5,
+                        max_position_embeddings=2048, pad_token_id=demo.pad_token_id,
+                        eos_token_id=demo.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    return Glm4Pipeline(Glm4ForCausalLM(config).to(torch.bfloat16).eval(), tokenizer)
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
@@ -61,9 +78,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--model", default=None, help="checkpoint (default: the demo model)")
+    parser.add_argument(
+        "--glm4-shape",
+        action="store_true",
+        help="random weights of the GLM-4 bench shape (hidden 1024, 12 layers) with the demo tokenizer",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
-    pipeline = Glm4Pipeline.from_pretrained(args.model, device="cpu")
+    if args.glm4_shape:
+        pipeline = glm4_shaped()
+    else:
+        pipeline = Glm4Pipeline.from_pretrained(args.model, device="cpu")
     rates = {}
     for label, batch in (("batched", args.clients), ("one at a time", 1)):
         server, engine = start(pipeline, max_batch_size=batch, queue_timeout=600)
