@@ -112,12 +112,22 @@ def open_safetensors(path: Path, device: torch.device | str = "cpu") -> Iterator
         raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
 
 
-def read_tensors(files: list[Path], device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from each file in turn, one tensor in memory at a time beyond the model."""
+def read_tensors(
+    files: list[Path],
+    device: torch.device | str,
+    shards: dict[str, Any] | None = None,
+    is_base: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from each file in turn, one tensor in memory at a time beyond the model;
+    for a tensor in `shards`, only the slice this rank holds."""
     for f in tqdm(files, desc="Loading shards", unit="shard", disable=len(files) < 2):
         with open_safetensors(f, device) as reader:
             for name in reader.keys():  # noqa: SIM118 (safe_open is not iterable)
-                yield name, reader.get_tensor(name)
+                shard = shards.get(_our_name(name, is_base)) if shards else None
+                if shard is not None:
+                    yield name, shard.take(reader.get_slice(name), ())
+                else:
+                    yield name, reader.get_tensor(name)
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -147,15 +157,25 @@ def resolve_dtype(dtype: str | torch.dtype, config: Glm4Config, files: list[Path
     return dtype
 
 
-def load_weights(model: nn.Module, files: list[Path], device: torch.device | str, dtype: torch.dtype) -> None:
-    """Assign the checkpoint's tensors to a model built on the meta device, strictly."""
+def load_weights(
+    model: nn.Module,
+    files: list[Path],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    shards: dict[str, Any] | None = None,
+) -> None:
+    """Assign the checkpoint's tensors to a model built on the meta device, strictly.
+
+    `shards` (tensor parallel) maps a tensor to the slice of it this rank holds: only that slice
+    is read from the file.
+    """
     expected = model.state_dict()
     is_base = not any(k.startswith("model.") for k in expected)
     has_lm_head = "lm_head.weight" in expected
     loaded: set[str] = set()
     unexpected: list[str] = []
     ignored: list[str] = []
-    for name, tensor in read_tensors(files, device):
+    for name, tensor in read_tensors(files, device, shards, is_base):
         key = _our_name(name, is_base)
         if key not in expected:
             # A causal-LM checkpoint loaded into a base model or a classification head, or the reverse.
@@ -271,8 +291,10 @@ class PretrainedMixin:
         config: Glm4Config | None = None,
         quantization: str | None = None,
         group_size: int = 64,
+        tp_plan: str | None = None,
     ) -> Any:
-        """Load a checkpoint; `quantization` ("int8" or "int4") quantizes its weights on the way in."""
+        """Load a checkpoint; `quantization` ("int8" or "int4") quantizes its weights on the way in;
+        `tp_plan="auto"` shards it over the ranks of the process group (tensor parallel)."""
         from glm4.quantization import pack_quantized, prepare_quantized_model, quantize
 
         folder = resolve_checkpoint(path_or_repo_id, revision=revision, cache_dir=cache_dir)
@@ -285,11 +307,24 @@ class PretrainedMixin:
         saved = config.quantization
         if saved and quantization and quantization != saved["method"]:
             raise ValueError(f"this checkpoint is already quantized as {saved['method']}, not {quantization}")
+        shards, world = None, 1
+        if tp_plan is not None:
+            from glm4.parallel import Plan, default_device, init_process_group, shard_model
+
+            if tp_plan != "auto":
+                raise ValueError(f"tp_plan must be 'auto' or None, got {tp_plan!r}")
+            if saved or quantization:
+                raise ValueError("tensor parallel with quantized weights is not supported yet")
+            rank, world = init_process_group()
+            device = device if device != "cpu" else default_device()
         with torch.device("meta"):
             model = cls(config)
             if saved:
                 prepare_quantized_model(model, saved)
-        load_weights(model, files, device, dtype)
+            if world > 1 or tp_plan is not None:
+                shards = shard_model(model, Plan(config, rank, world))
+        load_weights(model, files, device, dtype, shards)
+        model.tp_world = world
         model.init_buffers(device)
         if saved:
             pack_quantized(model)

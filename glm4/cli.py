@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -149,10 +150,12 @@ def start_messages(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def load_pipeline(args: argparse.Namespace) -> Any:
+    from glm4.parallel import is_tensor_parallel
     from glm4.pipeline import Glm4Pipeline
 
+    tp_plan = "auto" if is_tensor_parallel() else None  # under torchrun: shard over the ranks
     return Glm4Pipeline.from_pretrained(
-        args.model, args.dtype, args.device, args.chat_template, quantization=args.quantize
+        args.model, args.dtype, args.device, args.chat_template, quantization=args.quantize, tp_plan=tp_plan
     )
 
 
@@ -171,7 +174,17 @@ def cmd_generate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def read_message(prompt: str, out: TextIO) -> str | None:
-    """One message from stdin; a trailing backslash continues it on the next line. None at EOF."""
+    """One message from stdin; a trailing backslash continues it on the next line. None at EOF.
+
+    Under tensor parallel rank 0 reads the terminal and every rank gets what it read."""
+    from glm4 import parallel
+
+    if parallel.is_tensor_parallel():
+        return parallel.share(_read_lines(prompt, out) if parallel.rank() == 0 else None)
+    return _read_lines(prompt, out)
+
+
+def _read_lines(prompt: str, out: TextIO) -> str | None:
     lines = []
     while True:
         out.write(prompt if not lines else "... ")
@@ -240,8 +253,12 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    from glm4 import parallel
+
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
+    if parallel.is_tensor_parallel() and parallel.rank() != 0:
+        out = io.StringIO()  # under torchrun every rank computes; rank 0 alone talks to the user
     commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
     try:
         return commands[args.command](args, out)
@@ -249,7 +266,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         out.write("\n")
         return 130
     except (ValueError, OSError) as e:
-        print(f"glm4: error: {e}", file=sys.stderr)
+        if parallel.rank() == 0:
+            print(f"glm4: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -125,7 +125,11 @@ class Engine:
         queue_timeout: float = 30.0,
         compile: bool | None = None,
         prefill_chunk: int = 512,
+        mirror: Callable[[str, tuple], None] | None = None,
+        start: bool = True,
     ) -> None:
+        """`mirror(op, args)` is told of every model call before it runs (tensor parallel: rank 0
+        broadcasts them); `start=False` builds the state without the loop thread (the other ranks)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         context = model.config.max_context or model.config.max_position_embeddings
@@ -139,7 +143,7 @@ class Engine:
         self.cache = SlotCache(model, max_batch_size, self.max_model_len)
         device = model.device
         self.key_mask = torch.zeros(max_batch_size, self.max_model_len, dtype=torch.bool, device=device)
-        self.key_mask[:, 0] = True  # an empty slot attends to something, so it computes no NaN
+        self.key_mask[:, 0] = True
         self.tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
         self.write_at = torch.zeros(max_batch_size, dtype=torch.long, device=device)
@@ -152,8 +156,10 @@ class Engine:
         self.lock = threading.Condition()
         self.running = True
         self.steps = 0
+        self.mirror = mirror
         self.thread = threading.Thread(target=self._loop, name="glm4-engine", daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
     # -- the API, callable from any thread -----------------------------------------------------
 
@@ -199,7 +205,10 @@ class Engine:
         with self.lock:
             self.running = False
             self.lock.notify()
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        if self.mirror is not None:
+            self.mirror("stop", ())
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -246,33 +255,57 @@ class Engine:
         request.slot = slot
         if request.seed is not None:
             request.generator = torch.Generator(self.model.device).manual_seed(request.seed)
+        self.active[slot] = request
+        logits = self.run("prefill_slot", slot, request.prompt)
+        self._take(request, logits)
+
+    def _step(self) -> None:
+        rows = [(slot, request.generated[-1]) for slot, request in self.active.items()]
+        logits = self.run("decode_slots", rows)
+        self.steps += 1
+        greedy = logits.argmax(-1).tolist()  # one call for every row that needs nothing more
+        for slot, request in list(self.active.items()):
+            self._take(request, logits[slot : slot + 1], greedy[slot])
+
+    # -- the model work: the only methods that touch the model and the cache. Under tensor parallel
+    # every rank must run them in the same order with the same arguments, so they take plain values
+    # and `run` tells the other ranks (see parallel.follow_engine) before running them here.
+
+    def run(self, op: str, *args):
+        if self.mirror is not None:
+            self.mirror(op, args)
+        return getattr(self, op)(*args)
+
+    def prefill_slot(self, slot: int, prompt: list[int]) -> torch.Tensor:
+        """Write a prompt into a free slot; the logits (1, vocab) of its last position."""
         self.cache.lengths[slot] = 0
         view = self.cache.view(slot)
-        ids = torch.tensor([request.prompt], device=self.model.device)
+        ids = torch.tensor([prompt], device=self.model.device)
         for start in range(0, ids.shape[1], self.prefill_chunk):
             out = self.model(
                 ids[:, start : start + self.prefill_chunk], past_key_values=view, logits_to_keep=1
             )
-        T = len(request.prompt)
         self.key_mask[slot] = False
-        self.key_mask[slot, :T] = True
-        self.active[slot] = request
-        self._take(request, out.logits[:, -1].float())
+        self.key_mask[slot, : len(prompt)] = True
+        return out.logits[:, -1].float()
 
-    def _step(self) -> None:
-        for slot, request in self.active.items():
-            self.tokens[slot, 0] = request.generated[-1]
+    def decode_slots(self, rows: list[tuple[int, int]]) -> torch.Tensor:
+        """One decode step of every slot; `rows` are the (slot, last token) pairs in use."""
+        for slot, token in rows:
+            self.tokens[slot, 0] = token
             position = self.cache.lengths[slot]
             self.positions[slot, 0] = position
             self.write_at[slot] = position
             self.key_mask[slot, position] = True
         mask = self.key_mask[:, None, None, :]
         logits = self.step_fn(self.tokens, self.positions, mask, self.cache, self.write_at)
-        self.steps += 1
-        greedy = logits.argmax(-1).tolist()  # one call for every row that needs nothing more
-        for slot, request in list(self.active.items()):
+        for slot, _ in rows:
             self.cache.lengths[slot] += 1
-            self._take(request, logits[slot : slot + 1], greedy[slot])
+        return logits
+
+    def release_slot(self, slot: int) -> None:
+        self.key_mask[slot] = False
+        self.key_mask[slot, 0] = True  # an empty slot attends to something, so it computes no NaN
 
     def _take(self, request: Request, logits: torch.Tensor, argmax: int | None = None) -> None:
         """Sample the request's next token from its logits (1, vocab), emit it, maybe finish it."""
@@ -311,6 +344,5 @@ class Engine:
 
     def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
         self.active.pop(request.slot, None)
-        self.key_mask[request.slot] = False
-        self.key_mask[request.slot, 0] = True
+        self.run("release_slot", request.slot)
         request.emit(Finished(reason, len(request.generated), error))

@@ -58,11 +58,17 @@ class Glm4Pipeline:
         chat_template: str | None = None,
         revision: str | None = None,
         quantization: str | None = None,
+        tp_plan: str | None = None,
     ) -> Glm4Pipeline:
         """Model and tokenizer from one folder or hub id (the bundled demo model by default)."""
         path = path_or_repo_id or default_model_path()
         model = Glm4ForCausalLM.from_pretrained(
-            path, dtype=dtype, device=resolve_device(device), revision=revision, quantization=quantization
+            path,
+            dtype=dtype,
+            device=resolve_device(device),
+            revision=revision,
+            quantization=quantization,
+            tp_plan=tp_plan,
         )
         tokenizer = Glm4Tokenizer.from_pretrained(path, revision=revision, chat_template=chat_template)
         return cls(model, tokenizer)

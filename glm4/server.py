@@ -419,8 +419,16 @@ def serve(
     """Load the model, start the engine and run the HTTP server until interrupted."""
     import uvicorn
 
-    pipeline = Glm4Pipeline.from_pretrained(model, **load)
-    engine = Engine(pipeline.model, max_batch_size, max_model_len, queue_timeout)
+    from glm4 import parallel
+
+    tp = parallel.is_tensor_parallel()
+    pipeline = Glm4Pipeline.from_pretrained(model, tp_plan="auto" if tp else None, **load)
+    if tp and parallel.rank() != 0:  # the other ranks only mirror rank 0's model calls
+        follower = Engine(pipeline.model, max_batch_size, max_model_len, queue_timeout, start=False)
+        parallel.follow_engine(follower)
+        return
+    mirror = parallel.broadcast_engine_op if tp else None
+    engine = Engine(pipeline.model, max_batch_size, max_model_len, queue_timeout, mirror=mirror)
     name = served_model_name or model or "glm4-demo"
     app = create_app(pipeline, engine, name, api_key)
     print(f"glm4 serving {name!r} on http://{host}:{port}  (OpenAI API at /v1, chat page at /)", flush=True)
