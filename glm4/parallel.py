@@ -59,8 +59,8 @@ class Plan:
             raise ValueError(f"{c.num_attention_heads} attention heads cannot be split over {w} ranks")
         if c.num_key_value_heads % w and w % c.num_key_value_heads:
             raise ValueError(
-                f"{c.num_key_value_heads} KV heads can neither be split over {w} ranks nor replicated to them "
-                "(one must divide the other)"
+                f"{c.num_key_value_heads} KV heads can neither be split over {w} ranks nor replicated "
+                "to them (one must divide the other)"
             )
         if c.intermediate_size % w:
             raise ValueError(f"intermediate_size {c.intermediate_size} cannot be split over {w} ranks")

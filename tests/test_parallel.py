@@ -2,6 +2,7 @@
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_sharded_equals_single_process(tmp_path, name):
     expected_tokens = model.generate(ids, max_new_tokens=8, eos_token_id=[])
     out = str(tmp_path / "result")
     mp.spawn(worker, args=(world, free_port(), str(tmp_path / "ckpt"), out), nprocs=world, join=True)
-    results = [json.load(open(f"{out}.{r}")) for r in range(world)]
+    results = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
     for r in results:
         assert (torch.tensor(r["logits"]) - expected).abs().max() <= 1e-4
         assert torch.equal(torch.tensor(r["tokens"]), expected_tokens)
