@@ -151,8 +151,6 @@ def should_compile(model: torch.nn.Module, max_new_tokens: int) -> bool:
     """Compiling costs seconds up front; it pays off for real models and longer generations."""
     if model.config.rope_type == "dynamic":
         return False  # its frequencies depend on the length, read on the host each step
-    if getattr(model, "tp_world", 1) > 1:
-        return False  # the all-reduces run eagerly (compiling them is not supported here yet)
     if model.device.type == "cuda":
         return max_new_tokens >= 16
     return model.num_parameters() >= 50_000_000 and max_new_tokens >= 64

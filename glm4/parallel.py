@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from glm4.config import Glm4Config
@@ -103,12 +104,14 @@ class Plan:
 
 
 class RowParallelLinear(Linear):
-    """A Linear holding some input columns: its partial outputs are summed over the ranks."""
+    """A Linear holding some input columns: its partial outputs are summed over the ranks.
+
+    The functional all-reduce is one torch.compile can trace, so a compiled decode step keeps it
+    inside its graph.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        dist.all_reduce(y)
-        return y
+        return funcol.all_reduce(super().forward(x), "sum", dist.group.WORLD)
 
 
 def init_process_group() -> tuple[int, int]:

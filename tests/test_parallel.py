@@ -28,11 +28,13 @@ def worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
         ids = random_ids(2, 11)
         with torch.no_grad():
             logits = model(ids).logits
-        tokens = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+        tokens = model.generate(ids, max_new_tokens=8, eos_token_id=[], compile=False)
+        compiled = model.generate(ids, max_new_tokens=8, eos_token_id=[], compile=True)
         attn = model.model.layers[0].self_attn
         result = {
             "logits": logits.tolist(),
             "tokens": tokens.tolist(),
+            "compiled": compiled.tolist(),
             "params": model.num_parameters(),
             "local_kv": attn.k_proj.out_features // attn.head_dim,
             "local_q": attn.q_proj.out_features // attn.head_dim,
@@ -68,6 +70,9 @@ def test_sharded_equals_single_process(tmp_path, name):
     for r in results:
         assert (torch.tensor(r["logits"]) - expected).abs().max() <= 1e-4
         assert torch.equal(torch.tensor(r["tokens"]), expected_tokens)
+        assert torch.equal(
+            torch.tensor(r["compiled"]), expected_tokens
+        )  # the compiled step, all-reduce inside
         config = model.config
         assert r["local_q"] == config.num_attention_heads // world
         assert r["local_kv"] == max(1, config.num_key_value_heads // world)
