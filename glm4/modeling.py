@@ -156,30 +156,32 @@ class Glm4RotaryEmbedding(nn.Module):
         self.inv_freq = rope_inv_freq(self.config)[0].to(device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """cos and sin, each (B, T, rotary_dim // 2): one angle per rotated pair."""
+        """cos and sin laid out for `apply_rotary`, each (B, T, rotary_dim): per adjacent pair
+        (2i, 2i+1), cos of its angle twice, and sin with the sign the pair's first element takes."""
         inv_freq = self.inv_freq
         if self.config.rope_type == "dynamic":
             seq_len = int(position_ids.max()) + 1
             if seq_len > self.config.max_position_embeddings:
                 inv_freq = rope_inv_freq(self.config, seq_len)[0].to(inv_freq.device)
         angles = position_ids[..., None].float() * inv_freq.float()
-        cos = angles.cos() * self.attention_scaling
-        sin = angles.sin() * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
+        cos = (angles.cos() * self.attention_scaling).to(dtype)
+        sin = (angles.sin() * self.attention_scaling).to(dtype)
+        # Computed once per forward for all layers: (cos, cos) and (-sin, sin) per pair.
+        return torch.stack((cos, cos), -1).flatten(-2), torch.stack((-sin, sin), -1).flatten(-2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by cos/sin (B, T, R/2).
+    """Rotate x (B, H, T, D) by the rotary module's cos/sin (B, T, R).
 
     GLM-4 rotates adjacent pairs (2i, 2i+1) (GPT-J style) of the first R dims only; the rest pass
     through. Rotating all dims, or pairing i with i + R/2 (NeoX), gives plausible but wrong output.
+    Pair (a, b) becomes (a cos - b sin, b cos + a sin): x * cos + swap(x) * signed sin.
     """
-    rot_dim = cos.shape[-1] * 2
+    rot_dim = cos.shape[-1]
     rot, rest = x[..., :rot_dim], x[..., rot_dim:]
-    x1, x2 = rot.unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, R/2) each: even, odd of a pair
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, rest), dim=-1)
+    swapped = rot.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, a) for each pair (a, b)
+    rotated = rot * cos[:, None] + swapped * sin[:, None]  # cos/sin broadcast over heads
+    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
 
 
 # -- attention -----------------------------------------------------------------------------------

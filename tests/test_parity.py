@@ -45,6 +45,9 @@ def test_rotary_rotates_adjacent_pairs_of_the_rotary_part_only():
     out = apply_rotary(x, cos, sin)
     for i in range(4):
         angle = torch.tensor(3 * rope.inv_freq[i].item())
+        assert torch.allclose(cos[0, 0, 2 * i], angle.cos()) and torch.allclose(
+            sin[0, 0, 2 * i + 1], angle.sin()
+        )
         a, b = x[..., 2 * i], x[..., 2 * i + 1]
         assert torch.allclose(out[..., 2 * i], a * angle.cos() - b * angle.sin(), atol=1e-6)
         assert torch.allclose(out[..., 2 * i + 1], b * angle.cos() + a * angle.sin(), atol=1e-6)
