@@ -171,12 +171,6 @@ def compiled_step(model: torch.nn.Module):
     return step
 
 
-def generate(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """Prompt + new tokens (B, T + N), N the longest row's; shorter rows end in pad_token_id."""
-    steps = list(stream_tokens(model, input_ids, **kwargs))
-    return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
-
-
 class GenerationMixin:
     """`model.generate(...)` with transformers-style keyword arguments."""
 
@@ -185,42 +179,21 @@ class GenerationMixin:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 256,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        stop_strings: list[str] | None = None,
-        tokenizer: Any = None,
         streamer: Callable[[torch.Tensor], None] | None = None,
         cache: str = "static",
         compile: bool | None = None,
         prefill_chunk: int = 512,
+        **sampling: Any,
     ) -> torch.Tensor:
-        """Generate like transformers' `generate`; `streamer` is called with each step's tokens (B,).
+        """Generate like transformers' `generate`: prompt + new ids (B, T + N).
 
-        `cache`, `compile` and `prefill_chunk` choose the path (see `stream_tokens`); all paths
-        give the same greedy tokens.
+        `sampling` takes the keyword arguments of `generation_kwargs` (do_sample, temperature,
+        top_k, top_p, min_p, repetition_penalty, eos_token_id, pad_token_id, seed, generator,
+        stop_strings with tokenizer). `streamer` is called with each step's tokens (B,). `cache`,
+        `compile` and `prefill_chunk` choose the path (see `stream_tokens`); every path gives the
+        same greedy tokens.
         """
-        kwargs = self.generation_kwargs(
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            seed=seed,
-            generator=generator,
-            stop_strings=stop_strings,
-            tokenizer=tokenizer,
-        )
+        kwargs = self.generation_kwargs(**sampling)
         kwargs.update(cache=cache, compile=compile, prefill_chunk=prefill_chunk)
         steps = []
         for token in stream_tokens(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs):

@@ -31,27 +31,17 @@ class Glm4ModelOutput:
 
 
 @dataclass
-class CausalLMOutput:
+class HeadOutput:
+    """What the three heads return; transformers calls it CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast or TokenClassifierOutput, with these same fields."""
+
     loss: torch.Tensor | None
     logits: torch.Tensor
     past_key_values: KVCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-@dataclass
-class SequenceClassifierOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-    past_key_values: KVCache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class TokenClassifierOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-    past_key_values: KVCache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
+CausalLMOutput = SequenceClassifierOutput = TokenClassifierOutput = HeadOutput
 
 
 # -- linear ---------------------------------------------------------------------------------------
