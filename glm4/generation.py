@@ -142,9 +142,10 @@ def prefill(
     return out.logits[:, -1].float()
 
 
-def _bucket(length: int, multiple: int = 256) -> int:
-    """Round cache sizes up, so that later calls reuse the compiled step (its shapes are fixed)."""
-    return -(-length // multiple) * multiple
+def _bucket(length: int, smallest: int = 512) -> int:
+    """Round cache sizes up to a power of two: the compiled step's shapes are fixed, so a growing
+    chat recompiles only when its length doubles, not every few hundred tokens."""
+    return max(smallest, 1 << (length - 1).bit_length())
 
 
 def should_compile(model: torch.nn.Module, max_new_tokens: int) -> bool:
