@@ -18,17 +18,10 @@ import torch
 
 from glm4 import Glm4Config, Glm4ForCausalLM
 
-SHAPE = dict(
-    vocab_size=151552,
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=12,
-    num_attention_heads=16,
-    num_key_value_heads=2,
-    head_dim=64,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=32768,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import SMALL  # noqa: E402  (the decode benchmark's shape)
+
+SHAPE = dict(SMALL, vocab_size=151552, rms_norm_eps=1e-5, max_position_embeddings=32768)
 
 # VmHWM (peak resident set of this process image), not ru_maxrss, which a child inherits from its parent.
 CHILD = """
