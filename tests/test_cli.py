@@ -86,3 +86,17 @@ def test_chat_ends_at_eof(checkpoint):
 def test_quantize_flag_on_the_demo_model(capsys):
     assert main(["generate", "What is the capital of Japan?", "--quantize", "int8", "--device", "cpu"]) == 0
     assert "Tokyo" in capsys.readouterr().out
+
+
+def test_chat_tool_call_asks_for_the_result(tmp_path):
+    from glm4.demo.train import WEATHER_TOOL
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER_TOOL]))
+    stdin = 'What is the weather in Paris?\n{"weather": "sunny"}\n/exit\n'
+    code, out = run(["chat", "--tools", str(tools), "--device", "cpu", "--max-new-tokens", "16"], stdin)
+    assert code == 0
+    assert '[tool call] get_weather({"city": "Paris"})' in out
+    assert "result of get_weather> " in out
+    # The reply to the observation was generated after the result (whatever the toy model says).
+    assert out.index("result of get_weather> ") < out.rindex("> ")
