@@ -12,6 +12,14 @@ from __future__ import annotations
 import torch
 
 
+def kv_layout(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(layers, KV heads, head_dim) a cache for `model` must hold; local head counts under tensor
+    parallel, read from the modules rather than the config."""
+    layers = model.base_model.layers
+    attn = layers[0].self_attn
+    return len(layers), attn.k_proj.out_features // attn.head_dim, attn.head_dim
+
+
 class KVCache:
     """The interface the model relies on."""
 
@@ -94,10 +102,8 @@ class StaticCache(KVCache):
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_length: int) -> StaticCache:
         """A cache shaped for `model`'s attention layers (their local head counts under tensor parallel)."""
-        layers = model.base_model.layers
-        attn = layers[0].self_attn
-        kv_heads = attn.k_proj.out_features // attn.head_dim
-        return cls(len(layers), batch_size, kv_heads, max_length, attn.head_dim, model.dtype, model.device)
+        layers, kv_heads, head_dim = kv_layout(model)
+        return cls(layers, batch_size, kv_heads, max_length, head_dim, model.dtype, model.device)
 
     def get_seq_length(self) -> int:
         return self.length

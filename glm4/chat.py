@@ -90,7 +90,7 @@ def parse_output(text: str, reasoning: bool = False, tools: bool = False) -> Par
     return out
 
 
-def _held_back(text: str, token: str) -> int:
+def held_back(text: str, token: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of token."""
     for n in range(min(len(token) - 1, len(text)), 0, -1):
         if token.startswith(text[-n:]):
@@ -127,7 +127,7 @@ class StreamParser:
                 thought, _, chunk = self.pending.partition(THINK_END)
                 delta.reasoning, self.pending, self.in_reasoning = thought, "", False
             else:
-                keep = _held_back(self.pending, THINK_END)
+                keep = held_back(self.pending, THINK_END)
                 delta.reasoning = self.pending[: len(self.pending) - keep]
                 self.pending = self.pending[len(delta.reasoning) :]
                 return delta
@@ -165,7 +165,7 @@ class StreamParser:
         elif self.segment_is_text or (self.segment and not _could_be_call(self.segment)):
             # Plain text: stream it, holding back what could be the start of a separator.
             self.segment_is_text = True
-            keep = max(_held_back(self.segment, ASSISTANT), _held_back(self.segment, OBSERVATION))
+            keep = max(held_back(self.segment, ASSISTANT), held_back(self.segment, OBSERVATION))
             if self.segment.endswith(OBSERVATION):
                 keep = len(OBSERVATION)
             emit = self.segment[: len(self.segment) - keep]

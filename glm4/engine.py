@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glm4.cache import KVCache
-from glm4.generation import compiled_step, should_compile
+from glm4.cache import KVCache, kv_layout
+from glm4.generation import compiled_step, prefill, should_compile
 from glm4.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger("glm4")
@@ -68,13 +68,11 @@ class SlotCache(KVCache):
     """
 
     def __init__(self, model: torch.nn.Module, slots: int, max_length: int) -> None:
-        layers = model.base_model.layers
-        attn = layers[0].self_attn
-        kv_heads = attn.k_proj.out_features // attn.head_dim
-        shape = (slots, kv_heads, max_length, attn.head_dim)
+        layers, kv_heads, head_dim = kv_layout(model)
+        shape = (slots, kv_heads, max_length, head_dim)
         device, dtype = model.device, model.dtype
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.rows = torch.arange(slots, device=device)
         self.lengths = [0] * slots
         self.max_length = max_length
@@ -279,15 +277,14 @@ class Engine:
     def prefill_slot(self, slot: int, prompt: list[int]) -> torch.Tensor:
         """Write a prompt into a free slot; the logits (1, vocab) of its last position."""
         self.cache.lengths[slot] = 0
-        view = self.cache.view(slot)
         ids = torch.tensor([prompt], device=self.model.device)
-        for start in range(0, ids.shape[1], self.prefill_chunk):
-            out = self.model(
-                ids[:, start : start + self.prefill_chunk], past_key_values=view, logits_to_keep=1
-            )
+        positions = torch.arange(len(prompt), device=self.model.device)[None]
+        logits = prefill(
+            self.model, ids, torch.ones_like(ids), positions, self.cache.view(slot), self.prefill_chunk
+        )
         self.key_mask[slot] = False
         self.key_mask[slot, : len(prompt)] = True
-        return out.logits[:, -1].float()
+        return logits
 
     def decode_slots(self, rows: list[tuple[int, int]]) -> torch.Tensor:
         """One decode step of every slot; `rows` are the (slot, last token) pairs in use."""

@@ -77,7 +77,7 @@ def stream_tokens(
         compile = cache == "static" and should_compile(model, max_new_tokens)
     step = compiled_step(model) if compile and cache == "static" else model.decode_step
 
-    seen = input_ids
+    seen = input_ids if params.repetition_penalty != 1.0 else None
     counts = None
     if params.presence_penalty or params.frequency_penalty:
         counts = torch.zeros(B, config.vocab_size, device=device)
@@ -104,7 +104,8 @@ def stream_tokens(
                         unfinished[row] = False
             if not unfinished.any() or i == max_new_tokens - 1:
                 return
-            seen = torch.cat([seen, token[:, None]], dim=-1)
+            if seen is not None:
+                seen = torch.cat([seen, token[:, None]], dim=-1)
             position = position + 1
             slot = kv.get_seq_length()
             if cache == "static":

@@ -73,6 +73,14 @@ class Glm4Pipeline:
         tokenizer = Glm4Tokenizer.from_pretrained(path, revision=revision, chat_template=chat_template)
         return cls(model, tokenizer)
 
+    @property
+    def stop_ids(self) -> set[int]:
+        """Every id that ends a reply: config.json's and generation_config.json's eos ids and
+        the GLM stop tokens (<|endoftext|>, <|user|>, <|observation|>) of the vocabulary."""
+        ids = set(self.model.config.eos_token_ids) | set(self.tokenizer.stop_token_ids)
+        eos = (getattr(self.model, "generation_config", None) or {}).get("eos_token_id", [])
+        return ids | ({eos} if isinstance(eos, int) else set(eos))
+
     def _is_reasoning_template(self) -> bool:
         """GLM-Z1's template opens `<think>` in the generation prompt, so replies start in reasoning."""
         if self.tokenizer.chat_template is None:
@@ -118,7 +126,7 @@ class Glm4Pipeline:
         self, ids: list[int], parser: StreamParser, max_new_tokens: int, sampling: dict[str, Any]
     ) -> Iterator[ChatChunk]:
         kwargs = self.model.generation_kwargs(**sampling)
-        stops = set(kwargs["eos_token_id"]) | set(self.tokenizer.stop_token_ids)
+        stops = set(kwargs["eos_token_id"]) | self.stop_ids
         kwargs["eos_token_id"] = sorted(stops)
         input_ids = torch.tensor([ids], device=self.model.device)
         reply = ReplyStream(self.tokenizer, parser)

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glm4.chat import StreamParser
+from glm4.chat import StreamParser, held_back
 from glm4.engine import Engine, Finished
 from glm4.pipeline import ChatChunk, Glm4Pipeline, ReplyStream
 from glm4.sampling import SamplingParams
@@ -139,11 +139,8 @@ def create_app(
     app = FastAPI(title="glm4", docs_url=None, redoc_url=None)
     tokenizer = pipeline.tokenizer
     created = int(time.time())
-    stop_ids = set(pipeline.model.config.eos_token_ids) | set(tokenizer.stop_token_ids)
+    stop_ids = pipeline.stop_ids
     defaults = getattr(pipeline.model, "generation_config", None) or {}
-    if "eos_token_id" in defaults:
-        ids = defaults["eos_token_id"]
-        stop_ids |= {ids} if isinstance(ids, int) else set(ids)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
@@ -308,7 +305,7 @@ class StopText:
         if hits:
             chunk.content, self.held, self.stopped = text[: min(hits)], "", True
             return chunk
-        keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        keep = max(held_back(text, s) for s in self.stops)
         chunk.content, self.held = text[: len(text) - keep], text[len(text) - keep :]
         return chunk
 
