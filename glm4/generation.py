@@ -34,12 +34,15 @@ def stream_tokens(
     cache: str = "static",
     compile: bool | None = None,
     prefill_chunk: int = 512,
+    pack: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) per step; a finished row gets pad_token_id.
 
     cache: "static" (preallocated, the default) or "dynamic" (grows by concatenation).
     compile: run each decode step as one torch.compile'd graph; None picks it where it pays off.
     prefill_chunk: the prompt is run through the model this many tokens at a time.
+    pack: keep the weights in oneDNN's blocked layout for batched CPU decoding too (see
+        `pack_weights`); None packs for batches when the copy fits in the memory available.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(
@@ -76,6 +79,8 @@ def stream_tokens(
     if compile is None:
         compile = cache == "static" and should_compile(model, max_new_tokens)
     step = compiled_step(model) if compile and cache == "static" else model.decode_step
+    if pack or (pack is None and should_pack(model, B)):
+        model.pack_weights()
 
     seen = input_ids if params.repetition_penalty != 1.0 else None
     counts = None
@@ -158,6 +163,33 @@ def should_compile(model: torch.nn.Module, max_new_tokens: int) -> bool:
     return model.num_parameters() >= 50_000_000 and max_new_tokens >= 64
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel could hand out now without swapping (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def should_pack(model: torch.nn.Module, batch_size: int, reserve: int = 2 << 30) -> bool:
+    """Pack the weights for batched CPU decoding if the copy leaves `reserve` bytes of memory free.
+
+    Batch 1 never needs it (it reads the plain weights), and a copy that does not fit would push
+    the memory-mapped plain weights out of the page cache.
+    """
+    if batch_size < 2 or model.device.type != "cpu" or not hasattr(model, "pack_weights"):
+        return False
+    needed = model.packable_bytes()
+    if needed == 0:
+        return True  # already packed (or nothing to pack): refreshing is free
+    free = available_memory()
+    return free is not None and needed + reserve <= free
+
+
 def compiled_step(model: torch.nn.Module):
     """`model.decode_step` under torch.compile, built once per model and kept on it."""
     step = getattr(model, "_compiled_decode_step", None)
@@ -185,6 +217,7 @@ class GenerationMixin:
         cache: str = "static",
         compile: bool | None = None,
         prefill_chunk: int = 512,
+        pack: bool | None = None,
         **sampling: Any,
     ) -> torch.Tensor:
         """Generate like transformers' `generate`: prompt + new ids (B, T + N).
@@ -192,11 +225,11 @@ class GenerationMixin:
         `sampling` takes the keyword arguments of `generation_kwargs` (do_sample, temperature,
         top_k, top_p, min_p, repetition_penalty, eos_token_id, pad_token_id, seed, generator,
         stop_strings with tokenizer). `streamer` is called with each step's tokens (B,). `cache`,
-        `compile` and `prefill_chunk` choose the path (see `stream_tokens`); every path gives the
-        same greedy tokens.
+        `compile`, `prefill_chunk` and `pack` choose the path (see `stream_tokens`); every path
+        gives the same greedy tokens.
         """
         kwargs = self.generation_kwargs(**sampling)
-        kwargs.update(cache=cache, compile=compile, prefill_chunk=prefill_chunk)
+        kwargs.update(cache=cache, compile=compile, prefill_chunk=prefill_chunk, pack=pack)
         steps = []
         for token in stream_tokens(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs):
             steps.append(token)
