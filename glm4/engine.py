@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glm4.cache import KVCache, kv_layout
-from glm4.generation import compiled_step, prefill, should_compile, should_pack
+from glm4.generation import compiled_step, prefill, should_compile, should_pack, steady
 from glm4.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger("glm4")
@@ -149,7 +149,7 @@ class Engine:
         self.write_at = torch.zeros(max_batch_size, dtype=torch.long, device=device)
         if compile is None:
             compile = should_compile(model, 64)
-        self.step_fn = compiled_step(model) if compile else model.decode_step
+        self.step_fn = steady(compiled_step(model)) if compile else model.decode_step
         if pack or (pack is None and should_pack(model, max_batch_size)):
             model.pack_weights()
         self.active: dict[int, Request] = {}

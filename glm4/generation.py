@@ -78,7 +78,7 @@ def stream_tokens(
         kv = DynamicCache()
     if compile is None:
         compile = cache == "static" and should_compile(model, max_new_tokens)
-    step = compiled_step(model) if compile and cache == "static" else model.decode_step
+    step = steady(compiled_step(model)) if compile and cache == "static" else model.decode_step
     if pack or (pack is None and should_pack(model, B)):
         model.pack_weights()
 
@@ -203,6 +203,23 @@ def compiled_step(model: torch.nn.Module):
             step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)
         model._compiled_decode_step = step
     return step
+
+
+def steady(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A compiled step called again and again on inputs of unchanging shapes: once the first call
+    has passed dynamo's guards, later calls skip evaluating them (about 0.5 ms a step on the CPU,
+    a few percent of a small model's step)."""
+    checked = False
+
+    def call(*args: Any) -> torch.Tensor:
+        nonlocal checked
+        if not checked:
+            checked = True
+            return step(*args)
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            return step(*args)
+
+    return call
 
 
 class GenerationMixin:
