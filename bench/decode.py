@@ -3,8 +3,10 @@
 Builds a GLM-4-shaped random model (hidden 1024, 12 layers, 16 heads, 2 KV heads, head_dim 64,
 intermediate 2816, vocab 151552; or the GLM-4-9B shape with --gpu) in bf16, saves it once, and
 loads it into both. Decode speed is also given as a fraction of the memory-bandwidth roofline:
-(bytes of weights read per token / seconds per token) / the streaming read bandwidth, measured just
-before and just after that decode run (the higher reading: the bandwidth here drifts with load).
+(bytes of weights read per token / seconds per token) / the streaming read bandwidth, read between
+stretches of 16 tokens (see Stretches: the bandwidth here drifts with the neighbours' load). Every
+figure alternates between the variants for a few rounds and shows the median, so that glm4 and
+transformers meet the same machine.
 
     python bench/decode.py            # CPU, the small GLM-4 shape
     python bench/decode.py --gpu      # CUDA, the GLM-4-9B shape
@@ -14,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,32 +38,60 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bandwidth(device: str) -> float:
-    """Streaming read bandwidth in bytes/s: the best of several sums over a buffer far above cache."""
-    n = (4 << 30 if device.startswith("cuda") else 1 << 30) // 4
-    buf = torch.ones(n, dtype=torch.float32, device=device)
-    best = float("inf")
-    for _ in range(10):
-        sync(device)
-        t = time.perf_counter()
-        buf.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    del buf
-    return n * 4 / best
+class Meter:
+    """Streaming read bandwidth in bytes/s: the best of a few sums over a buffer far above cache."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.buf = torch.ones((4 << 30 if device.startswith("cuda") else 1 << 30) // 4, device=device)
+
+    def read(self, repeats: int = 10) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            sync(self.device)
+            t = time.perf_counter()
+            self.buf.sum()
+            sync(self.device)
+            best = min(best, time.perf_counter() - t)
+        return self.buf.numel() * 4 / best
 
 
-def around(measure, device: str) -> tuple[float, float]:
-    """(the decode rate measure() returns, the read bandwidth just before and after it, whichever is
-    higher).
+class Stretches:
+    """Decode timing with the bandwidth read between stretches of `every` tokens.
 
-    This machine's bandwidth drifts with its neighbours' load from one minute to the next, so a
-    roofline fraction is only fair against the bandwidth of the moment; the higher reading is the
-    stricter one.
+    This machine's read bandwidth drifts with its neighbours' load (30 to 58 GB/s from one minute
+    to the next), so each stretch's speed is set against readings taken right before and after it
+    (the higher one: the stricter). Call start() once the first token is out, tick() after each
+    later one; the pauses for reading are left out of the timings.
     """
-    before = bandwidth(device)
-    _, rate = measure()
-    return rate, max(before, bandwidth(device))
+
+    def __init__(self, meter: Meter, batch: int = 1, every: int = 16) -> None:
+        self.meter, self.batch, self.every = meter, batch, every
+        self.runs: list[tuple[float, float, float]] = []  # (tokens, seconds, bandwidth)
+
+    def start(self) -> None:
+        self.bw_before = self.meter.read(3)
+        self.count, self.t0 = 0, time.perf_counter()
+
+    def tick(self) -> None:
+        sync(self.meter.device)
+        self.count += 1
+        if self.count == self.every:
+            seconds = time.perf_counter() - self.t0
+            bw_after = self.meter.read(3)
+            self.runs.append((self.batch * self.every, seconds, max(self.bw_before, bw_after)))
+            self.bw_before, self.count, self.t0 = bw_after, 0, time.perf_counter()
+
+    @property
+    def rate(self) -> float:
+        return sum(r[0] for r in self.runs) / sum(r[1] for r in self.runs)
+
+
+def roofline(timings: list[Stretches], bytes_per_token: int) -> tuple[float, float]:
+    """(median fraction of the roofline over all the stretches, median bandwidth read)."""
+    runs = [r for t in timings for r in t.runs]
+    fractions = [tokens / seconds * bytes_per_token / bw for tokens, seconds, bw in runs]
+    return statistics.median(fractions), statistics.median(r[2] for r in runs)
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -109,8 +139,34 @@ def glm4_decode(model, prompt: torch.Tensor, new_tokens: int, device: str) -> tu
     return ttft, prompt.shape[0] * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def glm4_stretches(model, prompt: torch.Tensor, new_tokens: int, meter: Meter) -> Stretches:
+    timing = Stretches(meter, prompt.shape[0])
+    for i, _ in enumerate(stream_tokens(model, prompt, max_new_tokens=new_tokens, eos_token_id=[])):
+        timing.tick() if i else timing.start()
+    return timing
+
+
+def hf_stretches(model, prompt: torch.Tensor, new_tokens: int, meter: Meter) -> Stretches:
+    """The same for transformers' generate, through its streamer hook (first put: the prompt)."""
+    timing = Stretches(meter, prompt.shape[0])
+
+    class Streamer:
+        puts = 0
+
+        def put(self, value):
+            self.puts += 1
+            timing.tick() if self.puts > 2 else timing.start() if self.puts == 2 else None
+
+        def end(self):
+            pass
+
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, streamer=Streamer())
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    return timing
+
+
 def hf_decode(model, prompt: torch.Tensor, new_tokens: int, device: str) -> tuple[float, float]:
-    """The same for transformers' generate: decode rate from t(N tokens) - t(1 token)."""
+    """(time to first token, decode tokens/s) for transformers' generate, from t(N tokens) - t(1 token)."""
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
 
     def run(n):
@@ -135,6 +191,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--batches", default="8,32", help="batch sizes for the throughput rows")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per measurement")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-quantized", action="store_true")
     args = parser.parse_args()
@@ -142,14 +199,14 @@ def main() -> None:
     shape = GLM4_9B if args.gpu else SMALL
     config = Glm4Config(**shape, vocab_size=151552, max_position_embeddings=32768, rms_norm_eps=1e-5,
                         pad_token_id=0, eos_token_id=[1])  # fmt: skip
-    bw = bandwidth(device)
+    meter = Meter(device)
     print(f"device: {device} ({torch.cuda.get_device_name() if args.gpu else 'CPU'}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
-    print(f"streaming read bandwidth at the start: {bw / 1e9:.1f} GB/s")
-    rows: list[tuple[str, str]] = []
+    print(f"streaming read bandwidth at the start: {meter.read() / 1e9:.1f} GB/s")
+    print(f"every measurement alternates between the variants, {args.rounds} rounds; medians shown")
+    batches = [int(x) for x in args.batches.split(",") if x]
 
     def row(name: str, value: str) -> None:
-        rows.append((name, value))
         print(f"  {name:<44} {value}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,77 +214,79 @@ def main() -> None:
         with torch.device(device):
             Glm4ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp)
         prompt = torch.randint(0, 151552, (1, args.prompt), device=device)
-        results = {}
-        probe = torch.randint(0, 151552, (1, 64), device=device)
-        reference = None
-        variants = [("glm4 bf16", None)] + (
-            [] if args.skip_quantized else [("glm4 int8", "int8"), ("glm4 int4", "int4")]
-        )
-        for name, quant in variants:
-            model = Glm4ForCausalLM.from_pretrained(tmp, device=device, quantization=quant)
-            per_token = weight_bytes_per_token(model)
-            with torch.inference_mode():
-                logits = model(probe).logits.float()
-            if reference is None:
-                reference = logits
-            else:
-                err = ((logits - reference).abs().max() / reference.abs().max()).item()
-                top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-                row(
-                    f"{name}: logits vs bf16 (64 positions)",
-                    f"max |diff| {err:.1%} of max |logit|, top-1 agrees {top1:.0%}",
-                )
-            glm4_decode(model, prompt, args.new_tokens, device)  # warm up (and compile) the same path
-            rate, bw_then = around(partial(glm4_decode, model, prompt, args.new_tokens, device), device)
-            results[name] = rate
-            row(
-                f"{name}: decode batch 1",
-                f"{rate:7.1f} tok/s  ({rate * per_token / bw_then:.0%} of roofline at "
-                f"{bw_then / 1e9:.1f} GB/s, {per_token / 2**20:.0f} MiB/token)",
-            )
-            if quant is None:
-                results["prefill glm4"] = prefill_rate(model, 512, device, 151552)
-                row(f"{name}: prefill 512", f"{results['prefill glm4']:7.0f} tok/s")
-                long_prompt = torch.randint(0, 151552, (1, 512), device=device)
-                row(
-                    f"{name}: time to first token (512 prompt)",
-                    f"{glm4_decode(model, long_prompt, 2, device)[0] * 1000:7.0f} ms",
-                )
-                for b in [int(x) for x in args.batches.split(",") if x]:
-                    batch = prompt.expand(b, -1).contiguous()
-                    glm4_decode(model, batch, 64, device)  # warm up this shape
-                    _, r = glm4_decode(model, batch, 64, device)
-                    results[f"batch {b} glm4"] = r
-                    row(f"{name}: decode batch {b}", f"{r:7.1f} tok/s")
-            del model
+        quantized = [] if args.skip_quantized else ["int8", "int4"]
+        models = {"glm4 bf16": Glm4ForCausalLM.from_pretrained(tmp, device=device)}
+        for quant in quantized:
+            models[f"glm4 {quant}"] = Glm4ForCausalLM.from_pretrained(tmp, device=device, quantization=quant)
+        hf = None
         if not args.skip_transformers:
             import transformers
 
-            hf = (
-                transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device).eval()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device)
+            hf.eval()
+
+        probe = torch.randint(0, 151552, (1, 64), device=device)
+        with torch.inference_mode():
+            reference = models["glm4 bf16"](probe).logits.float()
+            for name in list(models)[1:]:
+                logits = models[name](probe).logits.float()
+                err = ((logits - reference).abs().max() / reference.abs().max()).item()
+                top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+                row(f"{name}: logits vs bf16 (64 positions)", f"max |diff| {err:.1%} of max |logit|, "
+                    f"top-1 agrees {top1:.0%}")  # fmt: skip
+
+        # Batch 1: decode rate and roofline fraction, every variant in turn, round after round.
+        for model in models.values():
+            glm4_decode(model, prompt, args.new_tokens, device)  # warm up (and compile) the same path
+        names = [*models, *(["transformers bf16"] if hf is not None else [])]
+        timings: dict[str, list[Stretches]] = {name: [] for name in names}
+        for _ in range(args.rounds):
+            for name, model in models.items():
+                timings[name].append(glm4_stretches(model, prompt, args.new_tokens, meter))
+            if hf is not None:
+                with torch.inference_mode():
+                    timings["transformers bf16"].append(hf_stretches(hf, prompt, args.new_tokens, meter))
+        rate = {}
+        for name, runs in timings.items():
+            per_token = weight_bytes_per_token(hf if name.startswith("transformers") else models[name])
+            rate[name] = statistics.median(t.rate for t in runs)
+            roof, bw = roofline(runs, per_token)
+            row(f"{name}: decode batch 1", f"{rate[name]:7.1f} tok/s  ({roof:.0%} of roofline at "
+                f"{bw / 1e9:.1f} GB/s, {per_token / 2**20:.0f} MiB/token)")  # fmt: skip
+
+        # Prefill, time to first token and batched decoding: bf16 against transformers, in turn.
+        ours = models["glm4 bf16"]
+        long_prompt = torch.randint(0, 151552, (1, 512), device=device)
+        row("glm4 bf16: time to first token (512 prompt)",
+            f"{glm4_decode(ours, long_prompt, 2, device)[0] * 1000:7.0f} ms")  # fmt: skip
+        pairs = {"prefill 512": (lambda m: prefill_rate(m, 512, device, 151552),) * 2}
+        for b in batches:
+            batch = prompt.expand(b, -1).contiguous()
+            glm4_decode(ours, batch, 64, device)  # warm up (and pack for) this shape
+            pairs[f"decode batch {b}"] = (
+                lambda m, batch=batch: glm4_decode(m, batch, 64, device)[1],
+                lambda m, batch=batch: hf_decode(m, batch, 64, device)[1],
             )
-            with torch.inference_mode():
-                rate, bw_then = around(partial(hf_decode, hf, prompt, args.new_tokens, device), device)
-                results["hf"] = rate
-                row(
-                    "transformers bf16: decode batch 1",
-                    f"{rate:7.1f} tok/s  ({rate * weight_bytes_per_token(hf) / bw_then:.0%} of roofline at "
-                    f"{bw_then / 1e9:.1f} GB/s)",
-                )
-                results["prefill hf"] = prefill_rate(hf, 512, device, 151552)
-                row("transformers bf16: prefill 512", f"{results['prefill hf']:7.0f} tok/s")
-                for b in [int(x) for x in args.batches.split(",") if x]:
-                    _, r = hf_decode(hf, prompt.expand(b, -1).contiguous(), 64, device)
-                    results[f"batch {b} hf"] = r
-                    row(f"transformers bf16: decode batch {b}", f"{r:7.1f} tok/s")
-            print("\nratios against transformers (same weights, same run):")
-            for name in [n for n in results if n.startswith("glm4 ")]:
-                print(f"  {name} decode batch 1 / transformers bf16: {results[name] / results['hf']:.2f}x")
-            prefill = results["prefill glm4"] / results["prefill hf"]
-            print(f"  glm4 bf16 prefill 512 / transformers: {prefill:.2f}x")
-            for b in [int(x) for x in args.batches.split(",") if x]:
-                ratio = results[f"batch {b} glm4"] / results[f"batch {b} hf"]
-                print(f"  glm4 bf16 decode batch {b} / transformers: {ratio:.2f}x")
+        ratios = (
+            {f"{name} decode batch 1": rate[name] / rate["transformers bf16"] for name in models}
+            if hf
+            else {}
+        )
+        for what, (mine, theirs) in pairs.items():
+            runs = {"glm4": [], "hf": []}
+            for _ in range(args.rounds):
+                runs["glm4"].append(mine(ours))
+                if hf is not None:
+                    with torch.inference_mode():
+                        runs["hf"].append(theirs(hf))
+            row(f"glm4 bf16: {what}", f"{statistics.median(runs['glm4']):7.1f} tok/s")
+            if hf is not None:
+                row(f"transformers bf16: {what}", f"{statistics.median(runs['hf']):7.1f} tok/s")
+                ratios[f"glm4 bf16 {what}"] = statistics.median(runs["glm4"]) / statistics.median(runs["hf"])
+        if ratios:
+            print("\nratios against transformers bf16 (same weights, same run, measured in turn):")
+            for what, ratio in ratios.items():
+                print(f"  {what}: {ratio:.2f}x")
     print(f"peak resident memory of this process: {peak_rss_mib():,.0f} MiB")
     sys.stdout.flush()
 
