@@ -207,8 +207,22 @@ def test_shape_mismatch_names_tensor_and_shapes(saved):
         Glm4ForCausalLM.from_pretrained(folder)
 
 
+def test_loaded_weights_are_read_into_memory_not_mapped(tmp_path):
+    """Writing over the file after loading changes nothing: the tensors are the process's own."""
+    model = tiny_lm()
+    model.save_pretrained(tmp_path)
+    loaded = Glm4ForCausalLM.from_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with open(path, "r+b") as f:  # in place: a private mapping would see these pages change
+        f.seek(header)
+        f.write(bytes(path.stat().st_size - header))
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_save_over_the_folder_it_was_loaded_from(saved):
-    """Loaded tensors are memory-mapped from the files: saving back must not pull them away."""
+    """Saving back over the files a model was loaded from keeps its weights."""
     folder, model = saved
     loaded = Glm4ForCausalLM.from_pretrained(folder)
     loaded.save_pretrained(folder, max_shard_size=60_000)
