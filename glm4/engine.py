@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glm4.cache import KVCache, kv_layout
-from glm4.generation import compiled_step, prefill, should_compile, should_pack, steady
+from glm4.generation import compiled_step, pack_for, prefill, should_compile, steady
 from glm4.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger("glm4")
@@ -150,8 +150,7 @@ class Engine:
         if compile is None:
             compile = should_compile(model, 64)
         self.step_fn = steady(compiled_step(model)) if compile else model.decode_step
-        if pack or (pack is None and should_pack(model, max_batch_size)):
-            model.pack_weights()
+        pack_for(model, max_batch_size, pack)
         self.active: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
         self.ids = itertools.count(1)

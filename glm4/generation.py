@@ -79,8 +79,7 @@ def stream_tokens(
     if compile is None:
         compile = cache == "static" and should_compile(model, max_new_tokens)
     step = steady(compiled_step(model)) if compile and cache == "static" else model.decode_step
-    if pack or (pack is None and should_pack(model, B)):
-        model.pack_weights()
+    pack_for(model, B, pack)
 
     seen = input_ids if params.repetition_penalty != 1.0 else None
     counts = None
@@ -188,6 +187,12 @@ def should_pack(model: torch.nn.Module, batch_size: int, reserve: int = 2 << 30)
         return True  # already packed (or nothing to pack): refreshing is free
     free = available_memory()
     return free is not None and needed + reserve <= free
+
+
+def pack_for(model: torch.nn.Module, batch_size: int, pack: bool | None) -> None:
+    """Pack the weights if asked to (True), or if None and `should_pack` says it pays and fits."""
+    if pack or (pack is None and should_pack(model, batch_size)):
+        model.pack_weights()
 
 
 def compiled_step(model: torch.nn.Module):
