@@ -177,8 +177,8 @@ def available_memory() -> int | None:
 def should_pack(model: torch.nn.Module, batch_size: int, reserve: int = 2 << 30) -> bool:
     """Pack the weights for batched CPU decoding if the copy leaves `reserve` bytes of memory free.
 
-    Batch 1 never needs it (it reads the plain weights), and a copy that does not fit would push
-    the memory-mapped plain weights out of the page cache.
+    Batch 1 never needs it (it reads the plain weights), and a copy that does not fit would send
+    the machine into swap for a speed-up.
     """
     if batch_size < 2 or model.device.type != "cpu" or not hasattr(model, "pack_weights"):
         return False

@@ -120,7 +120,7 @@ class Linear(nn.Linear):
         if not self.packed_is_current():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8)
             self._packed_from = self._weight_key()
-        return self.weight.numel() * self.weight.element_size()
+        return self.weight.nbytes
 
     def unpack(self) -> None:
         self.packed = self._packed_from = None
@@ -421,7 +421,7 @@ class Glm4PreTrainedModel(nn.Module, PretrainedMixin):
     def packable_bytes(self) -> int:
         """Bytes `pack_weights` would add now (weights packable and not packed yet)."""
         return sum(
-            m.weight.numel() * m.weight.element_size()
+            m.weight.nbytes
             for m in self.modules()
             if isinstance(m, Linear) and can_pack(m.weight) and not m.packed_is_current()
         )
