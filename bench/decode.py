@@ -142,7 +142,10 @@ def glm4_decode(model, prompt: torch.Tensor, new_tokens: int, device: str) -> tu
 def glm4_stretches(model, prompt: torch.Tensor, new_tokens: int, meter: Meter) -> Stretches:
     timing = Stretches(meter, prompt.shape[0])
     for i, _ in enumerate(stream_tokens(model, prompt, max_new_tokens=new_tokens, eos_token_id=[])):
-        timing.tick() if i else timing.start()
+        if i == 0:
+            timing.start()
+        else:
+            timing.tick()
     return timing
 
 
@@ -155,7 +158,10 @@ def hf_stretches(model, prompt: torch.Tensor, new_tokens: int, meter: Meter) -> 
 
         def put(self, value):
             self.puts += 1
-            timing.tick() if self.puts > 2 else timing.start() if self.puts == 2 else None
+            if self.puts == 2:
+                timing.start()
+            elif self.puts > 2:
+                timing.tick()
 
         def end(self):
             pass
