@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from glm4 import hugepages
+
 
 def kv_layout(model: torch.nn.Module) -> tuple[int, int, int]:
     """(layers, KV heads, head_dim) a cache for `model` must hold; local head counts under tensor
@@ -94,8 +96,8 @@ class StaticCache(KVCache):
         device: torch.device | str,
     ) -> None:
         shape = (batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys = [hugepages.zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.values = [hugepages.zeros(shape, dtype, device) for _ in range(num_layers)]
         self.max_length = max_length
         self.length = 0
 

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from glm4 import hugepages
 from glm4.config import Glm4Config
 
 if TYPE_CHECKING:
@@ -121,9 +122,10 @@ def read_tensors(
     """Yield (name, tensor) from each file in turn, one tensor in memory at a time beyond the model;
     for a tensor in `shards`, only the slice this rank holds.
 
-    On the CPU a whole tensor is read from the file into memory of its own rather than handed out
-    as a view of the memory-mapped file: decoding reads anonymous memory about 8% faster, and the
-    mapped pages would count against the peak resident memory while loading.
+    On the CPU a whole tensor is read from the file into memory of its own (on huge pages, see
+    hugepages.py) rather than handed out as a view of the memory-mapped file: decoding reads
+    anonymous memory about 8% faster, and the mapped pages would count against the peak resident
+    memory while loading.
     """
     on_cpu = torch.device(device).type == "cpu"
     for f in tqdm(files, desc="Loading shards", unit="shard", disable=len(files) < 2):
@@ -132,7 +134,7 @@ def read_tensors(
             for name in reader.keys():  # noqa: SIM118 (safe_open is not iterable)
                 shard = shards.get(_our_name(name, is_base)) if shards else None
                 if shard is not None:
-                    yield name, shard.take(reader.get_slice(name), ())
+                    yield name, hugepages.adopt(shard.take(reader.get_slice(name), ()))
                 elif name in layout:
                     yield name, read_tensor(raw, *layout[name])
                 else:
@@ -166,7 +168,7 @@ def data_layout(raw: Any) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
 
 
 def read_tensor(raw: Any, dtype: torch.dtype, shape: list[int], begin: int, end: int) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype)
+    out = hugepages.empty(shape, dtype)
     buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
     if len(buffer) != end - begin:
         raise ValueError(f"{raw.name}: a tensor's byte range does not match its shape (corrupt file?)")
@@ -239,8 +241,8 @@ def load_weights(
                 f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint but the config gives "
                 f"{tuple(expected[key].shape)}; does config.json belong to these weights?"
             )
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = hugepages.adopt(tensor.to(dtype))
         model.load_state_dict({key: tensor}, strict=False, assign=True)
         loaded.add(key)
     if unexpected:

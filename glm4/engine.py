@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glm4 import hugepages
 from glm4.cache import KVCache, kv_layout
 from glm4.generation import compiled_step, pack_for, prefill, should_compile, steady
 from glm4.sampling import SamplingParams, sample_next
@@ -71,8 +72,8 @@ class SlotCache(KVCache):
         layers, kv_heads, head_dim = kv_layout(model)
         shape = (slots, kv_heads, max_length, head_dim)
         device, dtype = model.device, model.dtype
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.keys = [hugepages.zeros(shape, dtype, device) for _ in range(layers)]
+        self.values = [hugepages.zeros(shape, dtype, device) for _ in range(layers)]
         self.rows = torch.arange(slots, device=device)
         self.lengths = [0] * slots
         self.max_length = max_length

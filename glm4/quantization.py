@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm4 import hugepages
+
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 64
 
@@ -40,7 +42,7 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
-        module.weight = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+        module.weight = hugepages.adopt(torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8))
         module.scales = scales.to(linear.weight.dtype)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -106,7 +108,7 @@ class Int4Linear(nn.Module):
     def pack(self) -> None:
         """Make the CPU kernel's layout (not saved: it is specific to the kernel)."""
         if self.weight.device.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
+            packed = hugepages.adopt(torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1))
             # The kernel wants (in / group, out, 2): scale then zero.
             self.register_buffer("packed", packed, persistent=False)
             self.register_buffer(
