@@ -54,7 +54,7 @@ class Int8Linear(nn.Module):
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(
-                x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype)
+                x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales.to(x.dtype)
             ).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -129,7 +129,11 @@ class Int4Linear(nn.Module):
         # (A compiled multiply-reduce measured slower than this kernel for int4; int8 is the reverse.)
         if x.device.type == "cpu" and self.packed is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, self.in_features), self.packed, self.group_size, self.packed_scales.to(x.dtype)
+                # The kernel needs contiguous rows: the last position of a batch is a strided slice.
+                x.reshape(-1, self.in_features).contiguous(),
+                self.packed,
+                self.group_size,
+                self.packed_scales.to(x.dtype),
             ).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))

@@ -77,6 +77,18 @@ def test_quantized_generation_compiled_equals_eager(method):
     assert torch.equal(eager, compiled)
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_batch_generates_each_row_as_alone(method):
+    # The last position of a batch is a strided slice of the hidden states: the kernels get it whole.
+    model = tiny_lm(seed=1, hidden_size=128, intermediate_size=256, initializer_range=0.2)
+    quantize(model, method)
+    ids = random_ids(2, 6)
+    batch = model.generate(ids, max_new_tokens=6, eos_token_id=[], compile=False)
+    for row in range(2):
+        alone = model.generate(ids[row : row + 1], max_new_tokens=6, eos_token_id=[], compile=False)
+        assert torch.equal(batch[row : row + 1], alone)
+
+
 def test_bad_quantization_requests(tmp_path):
     with pytest.raises(ValueError, match="quantization 'int3' is not one of int8, int4"):
         quantize(bf16_lm(), "int3")
