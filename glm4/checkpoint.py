@@ -361,20 +361,28 @@ class PretrainedMixin:
             raise ValueError(f"this checkpoint is already quantized as {saved['method']}, not {quantization}")
         shards, world = None, 1
         if tp_plan is not None:
-            from glm4.parallel import Plan, default_device, init_process_group, shard_model
+            from glm4.parallel import (
+                Plan,
+                check_quantized_split,
+                default_device,
+                init_process_group,
+                keep_row_parallel,
+                shard_model,
+            )
 
             if tp_plan != "auto":
                 raise ValueError(f"tp_plan must be 'auto' or None, got {tp_plan!r}")
-            if saved or quantization:
-                raise ValueError("tensor parallel with quantized weights is not supported yet")
             rank, world = init_process_group()
             device = device if device != "cpu" else default_device()
         with torch.device("meta"):
             model = cls(config)
+            if tp_plan is not None:
+                # Shard first, so that quantized layers are built with this rank's shapes.
+                shards = shard_model(model, Plan(config, rank, world), saved)
+                if quantization and not saved:
+                    check_quantized_split(shards, quantization, group_size)
             if saved:
                 prepare_quantized_model(model, saved)
-            if world > 1 or tp_plan is not None:
-                shards = shard_model(model, Plan(config, rank, world))
         load_weights(model, files, device, dtype, shards)
         model.tp_world = world
         model.init_buffers(device)
@@ -382,6 +390,8 @@ class PretrainedMixin:
             pack_quantized(model)
         elif quantization:
             quantize(model, quantization, group_size)
+        if tp_plan is not None and (saved or quantization):
+            keep_row_parallel(model)
         model.name_or_path = str(path_or_repo_id)
         generation_config = folder / "generation_config.json"
         if generation_config.is_file():

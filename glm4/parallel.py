@@ -24,6 +24,7 @@ from torch import nn
 
 from glm4.config import Glm4Config
 from glm4.modeling import Linear
+from glm4.quantization import Int4Linear, Int8Linear
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,8 @@ class Plan:
         return Shard(None)
 
 
-class RowParallelLinear(Linear):
-    """A Linear holding some input columns: its partial outputs are summed over the ranks.
+class RowParallel:
+    """For a layer holding some input columns: its partial outputs are summed over the ranks.
 
     The functional all-reduce is one torch.compile can trace, so a compiled decode step keeps it
     inside its graph.
@@ -112,6 +113,25 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return funcol.all_reduce(super().forward(x), "sum", dist.group.WORLD)
+
+
+class RowParallelLinear(RowParallel, Linear):
+    pass
+
+
+class RowParallelInt8Linear(RowParallel, Int8Linear):
+    pass
+
+
+class RowParallelInt4Linear(RowParallel, Int4Linear):
+    pass
+
+
+ROW_PARALLEL = {
+    Linear: RowParallelLinear,
+    Int8Linear: RowParallelInt8Linear,
+    Int4Linear: RowParallelInt4Linear,
+}
 
 
 def init_process_group() -> tuple[int, int]:
@@ -133,8 +153,12 @@ def default_device() -> str:
     return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
 
 
-def shard_model(model: nn.Module, plan: Plan) -> dict[str, Shard]:
-    """On a meta-device model: shrink the projections to this rank's slice; return each tensor's Shard."""
+def shard_model(model: nn.Module, plan: Plan, quantization: dict | None = None) -> dict[str, Shard]:
+    """On a meta-device model: shrink the projections to this rank's slice; return each tensor's Shard.
+
+    `quantization` (a quantized checkpoint's method and group size) adds the Shards of its tensors;
+    the layers themselves are swapped for quantized ones afterwards (see `keep_row_parallel`).
+    """
     shards = {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -152,7 +176,57 @@ def shard_model(model: nn.Module, plan: Plan) -> dict[str, Shard]:
             shards[f"{full}.weight"] = weight
             if child.bias is not None:
                 shards[f"{full}.bias"] = plan.shard(f"{full}.bias")
+            if quantization:
+                shards.update(quantized_shards(full, weight, quantization))
     return shards
+
+
+def quantized_shards(full: str, weight: Shard, quantization: dict) -> dict[str, Shard]:
+    """The Shards of one layer's tensors in a quantized checkpoint, from the Shard of its weight.
+
+    Split by rows, every tensor of the layer splits by the same rows. Split by input columns, int8
+    keeps its per-row scales whole; int4 holds two columns a byte and a (scale, zero) per group of
+    columns, so its slices are halved and divided by the group size.
+    """
+    if weight.dim == 0:
+        return {f"{full}.{kind}": weight for kind in ("weight", "scales", "scales_and_zeros")}
+    if weight.dim is None or quantization["method"] == "int8":
+        return {}
+    group = quantization.get("group_size", 64)
+    check_group_split(full, weight, group)
+    return {
+        f"{full}.weight": Shard(1, tuple((a // 2, b // 2) for a, b in weight.parts)),
+        f"{full}.scales_and_zeros": Shard(1, tuple((a // group, b // group) for a, b in weight.parts)),
+    }
+
+
+def check_group_split(full: str, weight: Shard, group_size: int) -> None:
+    if any(a % group_size or b % group_size for a, b in weight.parts):
+        (a, b), *_ = weight.parts
+        raise ValueError(
+            f"{full}: this rank holds input columns {a}..{b}, which do not fall on int4 groups of "
+            f"{group_size}; use fewer ranks, a smaller group_size, or int8"
+        )
+
+
+def check_quantized_split(shards: dict[str, Shard], method: str, group_size: int) -> None:
+    """Before quantizing a sharded model to int4: every column split falls on a group boundary."""
+    if method != "int4":
+        return
+    for name, shard in shards.items():
+        if shard.dim == 1 and name.endswith(".weight"):
+            check_group_split(name.removesuffix(".weight"), shard, group_size)
+
+
+def keep_row_parallel(model: nn.Module) -> None:
+    """After quantizing a sharded model (or preparing it for a quantized checkpoint): o_proj and
+    down_proj sum their partial outputs over the ranks again, as quantized layers."""
+    for module in model.modules():
+        for name in ("o_proj", "down_proj"):
+            child = getattr(module, name, None)
+            if child is not None and not isinstance(child, RowParallel):
+                # The row-parallel class adds only the all-reduce to forward: no state to convert.
+                child.__class__ = ROW_PARALLEL[type(child)]
 
 
 # -- lockstep for the CLI and the server: rank 0 decides, the others follow --------------------
