@@ -151,6 +151,9 @@ class Engine:
         if compile is None:
             compile = should_compile(model, 64)
         self.step_fn = steady(compiled_step(model)) if compile else model.decode_step
+        # Steps attend over the longest filled slot, not all max_model_len positions (see
+        # stream_tokens); CUDA graphs need fixed shapes, so there a step attends over all of them.
+        self.compiled, self.whole_cache = compile, compile and device.type == "cuda"
         pack_for(model, max_batch_size, pack)
         self.active: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -292,13 +295,17 @@ class Engine:
 
     def decode_slots(self, rows: list[tuple[int, int]]) -> torch.Tensor:
         """One decode step of every slot; `rows` are the (slot, last token) pairs in use."""
+        width = 1
         for slot, token in rows:
             self.tokens[slot, 0] = token
             position = self.cache.lengths[slot]
             self.positions[slot, 0] = position
             self.write_at[slot] = position
             self.key_mask[slot, position] = True
-        mask = self.key_mask[:, None, None, :]
+            width = max(width, position + 1)
+        mask = self.key_mask[:, None, None, :] if self.whole_cache else self.key_mask[:, None, None, :width]
+        if self.compiled and not self.whole_cache:
+            torch._dynamo.mark_dynamic(mask, 3)
         logits = self.step_fn(self.tokens, self.positions, mask, self.cache, self.write_at)
         for slot, _ in rows:
             self.cache.lengths[slot] += 1

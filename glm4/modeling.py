@@ -309,6 +309,8 @@ class Glm4Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)
         if T == 1 and not self.training:
+            if mask is not None:  # the mask's width: the whole cache, or only its filled part
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
             out = decode_attention(q, k, v, mask, self.scaling)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         width = mask.shape[-1] if mask is not None else T
@@ -608,8 +610,9 @@ class Glm4ForCausalLM(Glm4PreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """forward() for generation: tensors in, last-position logits (B, vocab) out, no checks.
 
-        Everything is a tensor of fixed shape (the mask spans the whole static cache), so under
-        torch.compile one graph serves every step. The caller advances the cache.
+        Everything is a tensor of fixed shape but the mask, whose width is what the step attends
+        over: the whole static cache (fixed, for CUDA graphs) or its filled part (marked dynamic,
+        so that one compiled graph still serves every step). The caller advances the cache.
         """
         base = self.model
         x = base.embed_tokens(input_ids)

@@ -92,3 +92,53 @@ def test_prompt_longer_than_the_context_is_refused():
         assert finished.reason == "length" and len(tokens) + 10 <= 16
     finally:
         engine.shutdown()
+
+
+def test_engine_steps_attend_over_the_longest_filled_slot(monkeypatch):
+    import glm4.modeling
+
+    model = tiny_lm(seed=1, initializer_range=0.2, max_position_embeddings=128)
+    widths = []
+    attend = glm4.modeling.decode_attention
+
+    def spy(q, k, v, mask, scale):
+        widths.append(k.shape[2])
+        return attend(q, k, v, mask, scale)
+
+    monkeypatch.setattr(glm4.modeling, "decode_attention", spy)
+    engine = Engine(model, max_batch_size=2, compile=False)  # 128 positions a slot
+    try:
+        tokens_of(engine.generate(random_ids(1, 5)[0].tolist(), GREEDY, 4, set()))
+    finally:
+        engine.shutdown()
+    layers = model.config.num_hidden_layers
+    assert widths == [w for w in (6, 7, 8) for _ in range(layers)]
+
+
+def test_compiled_engine_equals_eager_with_one_graph():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_lm(seed=1, initializer_range=0.2, max_position_embeddings=128)
+    prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (3, 7)]
+    results = {}
+    for compile in (False, True):
+        engine = Engine(model, max_batch_size=2, compile=compile)
+        before = counters["stats"]["unique_graphs"]
+        try:
+            outs = [None, None]
+
+            def run(i, engine=engine, outs=outs):
+                outs[i] = tokens_of(engine.generate(prompts[i], GREEDY, 12, set()))[0]
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            results[compile] = outs
+        finally:
+            engine.shutdown()
+        graphs = counters["stats"]["unique_graphs"] - before
+        assert graphs == (1 if compile else 0)  # one graph for steps of every width
+    assert results[True] == results[False]

@@ -64,6 +64,44 @@ def test_compiled_equals_eager_and_compiles_once(model):
     assert counters["stats"]["unique_graphs"] == after_first
 
 
+def test_decoding_attends_over_the_filled_cache_only(model, monkeypatch):
+    import glm4.modeling
+
+    widths = []
+    attend = glm4.modeling.decode_attention
+
+    def spy(q, k, v, mask, scale):
+        widths.append(k.shape[2])
+        return attend(q, k, v, mask, scale)
+
+    monkeypatch.setattr(glm4.modeling, "decode_attention", spy)
+    model.generate(random_ids(1, 5), max_new_tokens=6, eos_token_id=[], compile=False)  # 512 slots
+    layers = model.config.num_hidden_layers
+    assert widths == [w for w in range(6, 11) for _ in range(layers)]  # slots 0..5, then one more a step
+
+
+def test_compiled_step_over_a_large_cache_equals_eager():
+    """The compiled step takes the attended width as a dynamic size: one graph for every step of
+    a generation whose cache (8192 slots, sized for its 5,000-token limit) is mostly empty."""
+    from torch._dynamo.utils import counters
+
+    from glm4.generation import stream_tokens
+
+    torch._dynamo.reset()
+    model = tiny_lm(seed=1, initializer_range=0.2, max_position_embeddings=8192)
+    ids, mask = batch()
+
+    def first(compile: bool, n: int = 24) -> torch.Tensor:
+        tokens = stream_tokens(model, ids, attention_mask=mask, max_new_tokens=5000, eos_token_id=[],
+                               compile=compile)  # fmt: skip
+        return torch.stack([next(tokens) for _ in range(n)], dim=1)
+
+    eager = first(compile=False)
+    before = counters["stats"]["unique_graphs"]
+    assert torch.equal(first(compile=True), eager)
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
 def test_compile_is_chosen_only_where_it_pays(model):
     from glm4.generation import should_compile
 
