@@ -96,3 +96,18 @@ def build_tiny_checkpoint(folder, chat_template: str = "glm4", seed: int = 0, co
     )
     model.save_pretrained(folder)
     return model, tok
+
+
+def attention_widths(monkeypatch) -> list[int]:
+    """The number of cache slots each decode attention call attends over, recorded as they happen."""
+    import glm4.modeling
+
+    widths: list[int] = []
+    attend = glm4.modeling.decode_attention
+
+    def spy(q, k, v, mask, scale):
+        widths.append(k.shape[2])
+        return attend(q, k, v, mask, scale)
+
+    monkeypatch.setattr(glm4.modeling, "decode_attention", spy)
+    return widths

@@ -3,7 +3,7 @@
 import threading
 
 import torch
-from helpers import random_ids, tiny_lm
+from helpers import attention_widths, random_ids, tiny_lm
 
 from glm4.engine import Engine, Finished
 from glm4.sampling import SamplingParams
@@ -95,17 +95,8 @@ def test_prompt_longer_than_the_context_is_refused():
 
 
 def test_engine_steps_attend_over_the_longest_filled_slot(monkeypatch):
-    import glm4.modeling
-
     model = tiny_lm(seed=1, initializer_range=0.2, max_position_embeddings=128)
-    widths = []
-    attend = glm4.modeling.decode_attention
-
-    def spy(q, k, v, mask, scale):
-        widths.append(k.shape[2])
-        return attend(q, k, v, mask, scale)
-
-    monkeypatch.setattr(glm4.modeling, "decode_attention", spy)
+    widths = attention_widths(monkeypatch)
     engine = Engine(model, max_batch_size=2, compile=False)  # 128 positions a slot
     try:
         tokens_of(engine.generate(random_ids(1, 5)[0].tolist(), GREEDY, 4, set()))

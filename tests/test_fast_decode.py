@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import random_ids, tiny_lm
+from helpers import attention_widths, random_ids, tiny_lm
 
 from glm4.cache import DynamicCache, StaticCache
 
@@ -65,16 +65,7 @@ def test_compiled_equals_eager_and_compiles_once(model):
 
 
 def test_decoding_attends_over_the_filled_cache_only(model, monkeypatch):
-    import glm4.modeling
-
-    widths = []
-    attend = glm4.modeling.decode_attention
-
-    def spy(q, k, v, mask, scale):
-        widths.append(k.shape[2])
-        return attend(q, k, v, mask, scale)
-
-    monkeypatch.setattr(glm4.modeling, "decode_attention", spy)
+    widths = attention_widths(monkeypatch)
     model.generate(random_ids(1, 5), max_new_tokens=6, eos_token_id=[], compile=False)  # 512 slots
     layers = model.config.num_hidden_layers
     assert widths == [w for w in range(6, 11) for _ in range(layers)]  # slots 0..5, then one more a step

@@ -65,12 +65,16 @@ def test_quantized_checkpoint_round_trip(tmp_path, method):
         Glm4ForCausalLM.from_pretrained(tmp_path / "q", quantization="int8" if method == "int4" else "int4")
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantized_generation_compiled_equals_eager(method):
+def float32_quantized(method: str):
     # float32 activations: the compiled int8 path sums in another order than the library kernel,
     # and a tiny random model in bf16 has near-ties that such rounding differences flip.
     model = tiny_lm(seed=1, hidden_size=128, intermediate_size=256, initializer_range=0.2)
-    quantize(model, method)
+    return quantize(model, method)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_generation_compiled_equals_eager(method):
+    model = float32_quantized(method)
     ids = random_ids(1, 6)
     eager = model.generate(ids, max_new_tokens=12, eos_token_id=[], compile=False)
     compiled = model.generate(ids, max_new_tokens=12, eos_token_id=[], compile=True)
@@ -80,8 +84,7 @@ def test_quantized_generation_compiled_equals_eager(method):
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_batch_generates_each_row_as_alone(method):
     # The last position of a batch is a strided slice of the hidden states: the kernels get it whole.
-    model = tiny_lm(seed=1, hidden_size=128, intermediate_size=256, initializer_range=0.2)
-    quantize(model, method)
+    model = float32_quantized(method)
     ids = random_ids(2, 6)
     batch = model.generate(ids, max_new_tokens=6, eos_token_id=[], compile=False)
     for row in range(2):
