@@ -278,6 +278,37 @@ def decode_attention(
     return torch.einsum("bhgs,bhsd->bhgd", probs, v.float()).to(v.dtype).reshape(B, H, 1, D)
 
 
+CAUSAL_BLOCK = 256
+
+
+def causal_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a whole prompt (no past, no padding) in blocks of 256 queries, each over
+    the keys it can see.
+
+    The CPU flash kernel (torch 2.13) skips masked keys in blocks of 512 only, so up to 512 tokens
+    it computes the whole T x T square; blocks of queries halve that. Measured at 512 tokens: the
+    attention about 20-35% faster, the whole prefill about 5%.
+    """
+    T, gqa = q.shape[2], q.shape[1] != k.shape[1]
+    blocks = []
+    for start in range(0, T, CAUSAL_BLOCK):
+        end = min(start + CAUSAL_BLOCK, T)
+        queries = torch.arange(start, end, device=q.device)[:, None]
+        sees = torch.arange(end, device=q.device)[None, :] <= queries
+        blocks.append(
+            F.scaled_dot_product_attention(
+                q[:, :, start:end],
+                k[:, :, :end],
+                v[:, :, :end],
+                attn_mask=None if start == 0 else sees,
+                is_causal=start == 0,
+                scale=scale,
+                enable_gqa=gqa,
+            )  # fmt: skip
+        )
+    return torch.cat(blocks, dim=2)
+
+
 class Glm4Attention(nn.Module):
     def __init__(self, config: Glm4Config, layer_idx: int) -> None:
         super().__init__()
@@ -317,10 +348,14 @@ class Glm4Attention(nn.Module):
         if k.shape[2] > width:  # a preallocated cache: only its filled part
             k, v = k[:, :, :width], v[:, :, :width]
         # The CPU kernel is about 20% faster on contiguous heads than on the (B, T, H, D) views.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if mask is None and CAUSAL_BLOCK < T <= 512 and q.device.type == "cpu" and not self.training:
+            out = causal_prompt_attention(q, k, v, self.scaling)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         out = F.scaled_dot_product_attention(
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
+            q,
+            k,
+            v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and T > 1,

@@ -102,3 +102,26 @@ def test_padded_batch_matches_transformers_and_unpadded(side):
         alone = model(ids[1:, keep], position_ids=positions).logits
         assert (ours[1, keep] - alone[0]).abs().max() <= 1e-4
         assert (ours[0] - model(ids[:1]).logits[0]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("length", [300, 512])
+def test_long_prompt_blocked_attention_matches_transformers(length):
+    """Prompts of 257-512 tokens attend in blocks of queries on the CPU (causal_prompt_attention)."""
+    model = tiny_lm(max_position_embeddings=1024)
+    hf = hf_twin(model)
+    ids = random_ids(1, length)
+    with torch.no_grad():
+        ours = model(ids).logits
+        ref = hf(ids).logits
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("length", [257, 300, 512])
+def test_blocked_causal_attention_equals_one_call(length):
+    from glm4.modeling import causal_prompt_attention
+
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(2, 8, length, 16, generator=g)
+    k, v = (torch.randn(2, 2, length, 16, generator=g) for _ in range(2))
+    whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert (causal_prompt_attention(q, k, v, 16**-0.5) - whole).abs().max() <= 1e-5
