@@ -24,7 +24,7 @@ import torch
 
 from glm4 import hugepages
 from glm4.cache import KVCache, kv_layout
-from glm4.generation import compiled_step, pack_for, prefill, should_compile, steady
+from glm4.generation import compiled_step, pack_for, prefill, should_compile, steady, step_mask
 from glm4.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger("glm4")
@@ -150,10 +150,8 @@ class Engine:
         self.write_at = torch.zeros(max_batch_size, dtype=torch.long, device=device)
         if compile is None:
             compile = should_compile(model, 64)
+        self.compiled = compile
         self.step_fn = steady(compiled_step(model)) if compile else model.decode_step
-        # Steps attend over the longest filled slot, not all max_model_len positions (see
-        # stream_tokens); CUDA graphs need fixed shapes, so there a step attends over all of them.
-        self.compiled, self.whole_cache = compile, compile and device.type == "cuda"
         pack_for(model, max_batch_size, pack)
         self.active: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -303,9 +301,8 @@ class Engine:
             self.write_at[slot] = position
             self.key_mask[slot, position] = True
             width = max(width, position + 1)
-        mask = self.key_mask[:, None, None, :] if self.whole_cache else self.key_mask[:, None, None, :width]
-        if self.compiled and not self.whole_cache:
-            torch._dynamo.mark_dynamic(mask, 3)
+        # Attend over the longest filled slot, not all max_model_len positions.
+        mask = step_mask(self.key_mask, width, self.compiled)
         logits = self.step_fn(self.tokens, self.positions, mask, self.cache, self.write_at)
         for slot, _ in rows:
             self.cache.lengths[slot] += 1

@@ -80,11 +80,6 @@ def stream_tokens(
         compile = cache == "static" and should_compile(model, max_new_tokens)
     compiled = compile and cache == "static"
     step = steady(compiled_step(model)) if compiled else model.decode_step
-    # A decode step attends over the filled part of the cache only: a static cache is sized for the
-    # longest answer, and attending over all of it (masked) made every step of a small model on
-    # the CPU a quarter slower at 4096 slots. The compiled CPU step takes that width as a dynamic
-    # size (one graph for every length); CUDA graphs need fixed shapes, so they attend over it all.
-    whole_cache = compiled and device.type == "cuda"
     pack_for(model, B, pack)
 
     seen = input_ids if params.repetition_penalty != 1.0 else None
@@ -122,11 +117,26 @@ def stream_tokens(
                 key_mask[:, slot] = True
             else:
                 key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=-1)
-            mask = key_mask[:, None, None, :] if whole_cache else key_mask[:, None, None, : slot + 1]
-            if compiled and not whole_cache:
-                torch._dynamo.mark_dynamic(mask, 3)
+            mask = step_mask(key_mask, slot + 1, compiled)
             logits = step(token[:, None], position, mask, kv, torch.tensor([slot], device=device))
             kv.advance(1)
+
+
+def step_mask(key_mask: torch.Tensor, filled: int, compiled: bool) -> torch.Tensor:
+    """The (B, 1, 1, S) mask a decode step attends with, from the (B, cache size) mask of the
+    slots that hold keys, of which the first `filled` are in use.
+
+    A step attends over those only: a static cache is sized for the longest answer, and attending
+    over all of it (masked) made every step of a small model on the CPU a quarter slower at 4096
+    slots. A compiled CPU step takes the width as a dynamic size, so one graph serves every
+    length; CUDA graphs need fixed shapes, so there a step attends over the whole cache.
+    """
+    if compiled and key_mask.device.type == "cuda":
+        return key_mask[:, None, None, :]
+    mask = key_mask[:, None, None, :filled]
+    if compiled:
+        torch._dynamo.mark_dynamic(mask, 3)
+    return mask
 
 
 def prefill(

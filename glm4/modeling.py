@@ -304,7 +304,7 @@ def causal_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
                 is_causal=start == 0,
                 scale=scale,
                 enable_gqa=gqa,
-            )  # fmt: skip
+            )
         )
     return torch.cat(blocks, dim=2)
 

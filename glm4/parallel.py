@@ -24,7 +24,7 @@ from torch import nn
 
 from glm4.config import Glm4Config
 from glm4.modeling import Linear
-from glm4.quantization import Int4Linear, Int8Linear
+from glm4.quantization import DEFAULT_GROUP_SIZE, Int4Linear, Int8Linear
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def quantized_shards(full: str, weight: Shard, quantization: dict) -> dict[str, 
         return {f"{full}.{kind}": weight for kind in ("weight", "scales", "scales_and_zeros")}
     if weight.dim is None or quantization["method"] == "int8":
         return {}
-    group = quantization.get("group_size", 64)
+    group = quantization.get("group_size", DEFAULT_GROUP_SIZE)
     check_group_split(full, weight, group)
     return {
         f"{full}.weight": Shard(1, tuple((a // 2, b // 2) for a, b in weight.parts)),
