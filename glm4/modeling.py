@@ -151,7 +151,9 @@ def rope_inv_freq(config: Glm4Config, seq_len: int | None = None) -> tuple[torch
     """
     rope = config.rope_parameters
     base, dim = config.rope_theta, config.rotary_dim
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    # On the CPU whatever the default device: on the meta device these small ops would import
+    # torch's reference ops (a second or more at every start).
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     kind = config.rope_type
     if kind == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
         # NTK-aware: grow the base with the sequence once it passes the trained length.
@@ -191,7 +193,7 @@ def _yarn_inv_freq(rope: dict, base: float, dim: int, inv_freq: torch.Tensor) ->
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp
     interpolated = inv_freq / factor
     return interpolated * (1 - extrapolation) + inv_freq * extrapolation, float(attention_factor)
@@ -202,7 +204,7 @@ class Glm4RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         inv_freq, self.attention_scaling = rope_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute the (non-persistent) frequencies, e.g. after building on the meta device."""
@@ -484,7 +486,10 @@ class Glm4Model(Glm4PreTrainedModel):
         self.config = config
         pad = config.pad_token_id
         padding_idx = pad if pad is not None and 0 <= pad < config.vocab_size else None
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx)
+        # An empty table: init_weights fills it below, and a checkpoint replaces it (nn.Embedding's
+        # own init on the meta device would import torch's reference ops, as rope_inv_freq says).
+        table = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx, _weight=table)
         self.layers = nn.ModuleList(Glm4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Glm4RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = Glm4RotaryEmbedding(config)

@@ -229,3 +229,21 @@ def test_save_over_the_folder_it_was_loaded_from(saved):
     ids = random_ids(1, 6)
     assert torch.equal(logits(loaded, ids), logits(model, ids))
     assert torch.equal(logits(Glm4ForCausalLM.from_pretrained(folder), ids), logits(model, ids))
+
+
+def test_loading_and_generating_do_not_import_the_compiler(tmp_path):
+    """Building on the meta device stays clear of torch's reference ops, whose first use imports
+    dynamo, inductor and sympy (over a second at every start of the CLI)."""
+    import subprocess
+    import sys
+
+    tiny_lm().save_pretrained(tmp_path)
+    script = (
+        "import sys, torch\n"
+        "from glm4 import Glm4ForCausalLM\n"
+        f"model = Glm4ForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+        "model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3)\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

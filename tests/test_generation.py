@@ -29,7 +29,7 @@ def early_stopper(model, ids, mask):
 
 
 def test_greedy_matches_transformers_on_left_padded_batch_with_early_stop():
-    model = tiny_lm(seed=1, initializer_range=0.2)  # larger weights: less repetitive random output
+    model = tiny_lm(seed=3, initializer_range=0.2)  # larger weights: less repetitive random output
     hf = hf_twin(model)
     ids, mask = left_padded_batch()
     eos, step = early_stopper(model, ids, mask)
