@@ -1,6 +1,7 @@
 """The continuous-batching engine: batched greedy equals alone, queueing, timeouts, cancellation."""
 
 import threading
+import time
 
 import torch
 from helpers import attention_widths, random_ids, tiny_lm
@@ -133,3 +134,29 @@ def test_compiled_engine_equals_eager_with_one_graph():
         graphs = counters["stats"]["unique_graphs"] - before
         assert graphs == (1 if compile else 0)  # one graph for steps of every width
     assert results[True] == results[False]
+
+
+def test_engine_start_releases_the_loading_threads_openmp_workers(monkeypatch):
+    """The loading thread's idle OpenMP team would make libgomp stop spinning the engine's workers
+    (more managed threads than CPUs), which doubled the time of every decode step on 2 cores."""
+    import os
+
+    import pytest
+
+    import glm4.engine
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: no OpenMP team to release")
+    a = torch.randn(512, 512)
+    _ = a @ a  # a parallel region: this thread's OpenMP team now exists
+    before = len(os.listdir("/proc/self/task"))
+    assert glm4.engine.release_openmp_workers()
+    deadline = time.monotonic() + 2
+    while len(os.listdir("/proc/self/task")) != before - (torch.get_num_threads() - 1):
+        assert time.monotonic() < deadline, "the workers did not exit"
+        time.sleep(0.01)
+
+    calls = []
+    monkeypatch.setattr(glm4.engine, "release_openmp_workers", lambda: calls.append(1) or True)
+    Engine(tiny_lm(), max_batch_size=1, compile=False).shutdown()
+    assert calls == [1]  # before its thread starts
