@@ -91,7 +91,8 @@ def main() -> None:
         pipeline = Glm4Pipeline.from_pretrained(args.model, device="cpu")
     rates = {}
     for label, batch in (("batched", args.clients), ("one at a time", 1)):
-        server, engine = start(pipeline, max_batch_size=batch, queue_timeout=600)
+        # compile=None: what `glm4 serve` does (the test helper turns compiling off).
+        server, engine = start(pipeline, max_batch_size=batch, queue_timeout=600, compile=None)
         try:
             asyncio.run(load(server.url, 2, 4))  # warm up
             rate, ttft, total = asyncio.run(load(server.url, args.clients, args.max_tokens))
