@@ -36,9 +36,10 @@ def release_openmp_workers() -> bool:
 
     The engine's thread runs the model with an OpenMP team of its own. libgomp keeps waiting
     workers spinning, ready for the next parallel region, only while it manages no more threads
-    than there are CPUs; the loading thread's idle team plus the engine's exceed that on a small
-    machine, and every kernel then waits for sleeping workers to wake: decode steps took twice as
-    long (25 against 48 tok/s on 2 cores). Returns whether the runtime let them go.
+    than there are CPUs; the loading thread's idle team plus the engine's exceed that whenever
+    each team spans the CPUs (the default), and every kernel then waits for sleeping workers to
+    wake: decode steps took twice as long (25 against 48 tok/s on 2 cores). Returns whether the
+    runtime let them go.
     """
     try:
         pause = ctypes.CDLL(None).omp_pause_resource_all
