@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from glm4 import kernels
 from glm4.cache import DynamicCache, KVCache
 from glm4.checkpoint import PretrainedMixin
 from glm4.config import Glm4Config
@@ -268,8 +269,11 @@ def causal_mask(
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """Attention of one query per row (decoding), written out: the library kernel's setup costs more
-    than the arithmetic at this size, and a compiled step fuses it. GQA groups share their KV head."""
+    """Attention of one query per row (decoding). On the CPU in bf16 a hand-written kernel reads the
+    cache as it is (see kernels.py); elsewhere it is written out, as the library kernel's setup costs
+    more than the arithmetic at this size. GQA groups share their KV head."""
+    if kernels.can_decode(q, k, v):
+        return kernels.decode_attention(q, k, v, mask, scale)
     B, H, _, D = q.shape
     groups = H // k.shape[1]
     q = q.view(B, -1, groups, D).float()  # (B, H_kv, G, D)

@@ -1,0 +1,179 @@
+"""The CPU decode-attention kernel (glm4/csrc/decode_attention.cpp) against the float path."""
+
+import pytest
+import torch
+from helpers import random_ids, tiny_lm
+
+import glm4.modeling
+from glm4 import kernels
+from glm4.cache import DynamicCache
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler or no AVX-512F here")
+
+
+def float_path(q, k, v, mask, scale):
+    """glm4's decode attention with the kernel switched off: float copies and einsums."""
+    can_decode = kernels.can_decode
+    kernels.can_decode = lambda *args: False
+    try:
+        return glm4.modeling.decode_attention(q, k, v, mask, scale)
+    finally:
+        kernels.can_decode = can_decode
+
+
+def exact(q, k, v, mask, scale):
+    """The same in float64."""
+    B, H, _, D = q.shape
+    qg = q.double().view(B, k.shape[1], -1, D)
+    scores = qg @ k.double().transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.double()).reshape(B, H, 1, D)
+
+
+def inputs(batch, kv_heads, group, head_dim, length, masked, seed=0):
+    """q, and k, v as views of a longer cache (as decoding slices them), and a padding mask."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, 1, head_dim, generator=g).bfloat16()
+    cache = torch.randn(2, batch, kv_heads, length + 37, head_dim, generator=g).mul(2).bfloat16()
+    k, v = cache[0, :, :, :length], cache[1, :, :, :length]
+    mask = None
+    if masked:
+        mask = torch.rand(batch, 1, 1, length, generator=g) > 0.3
+        mask[..., -1] = True  # the token being decoded always sees itself
+    return q, k, v, mask
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 300, 1100])
+@pytest.mark.parametrize("shape", [(1, 2, 8, 64), (3, 2, 16, 128), (2, 4, 3, 256)])  # (B, H_kv, G, D)
+def test_kernel_equals_the_float_path(shape, length, threads):
+    """Blocks of 16 keys and their tails, groups of 8 query heads and their tails, and the key
+    chunks that several threads split a row into and merge."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for masked in (False, True):
+            q, k, v, mask = inputs(*shape, length, masked)
+            scale = shape[-1] ** -0.5
+            out = kernels.decode_attention(q, k, v, mask, scale)
+            reference = exact(q, k, v, mask, scale)
+            # Rounded to bf16 once from float32, as the float path does: within half a bf16 step.
+            torch.testing.assert_close(out.double(), reference, rtol=2**-8, atol=1e-5)
+            same = (out == float_path(q, k, v, mask, scale)).float().mean().item()
+            assert same > 0.99  # the rest differ in the last bit, from float32 sums in another order
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_kernel
+def test_kernel_with_a_chunk_of_hidden_keys_only():
+    """A chunk where every key is hidden (left padding, split off by a thread) adds nothing."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        q, k, v, _ = inputs(2, 1, 8, 64, 1100, masked=False)  # 2 rows on 4 threads: 2 chunks a row
+        mask = torch.zeros(2, 1, 1, 1100, dtype=torch.bool)
+        mask[0, ..., 900:] = True
+        mask[1, ..., -1] = True  # one key only
+        out = kernels.decode_attention(q, k, v, mask, 0.125)
+        torch.testing.assert_close(out.double(), exact(q, k, v, mask, 0.125), rtol=2**-8, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_kernel
+def test_kernel_rejects_what_it_has_no_kernel_for():
+    q, k, v, _ = inputs(1, 2, 4, 64, 10, masked=False)
+    with pytest.raises(RuntimeError, match="head dim 48"):
+        kernels.decode_attention(q[..., :48], k[..., :48], v[..., :48], None, 0.1)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernels.decode_attention(q.float(), k.float(), v.float(), None, 0.1)
+
+
+def test_where_the_kernel_runs():
+    q, k, v, _ = inputs(1, 2, 4, 64, 10, masked=False)
+    assert kernels.can_decode(q, k, v) == kernels.available()
+    assert not kernels.can_decode(q.float(), k.float(), v.float())  # float32 models keep the float path
+    assert not kernels.can_decode(q[..., :32], k[..., :32], v[..., :32])  # no kernel for head dim 32
+    q.requires_grad_(True)
+    assert not kernels.can_decode(q, k, v)  # training needs gradients, which the kernel has not
+    with torch.no_grad():
+        assert kernels.can_decode(q, k, v) == kernels.available()
+
+
+@needs_kernel
+def test_bf16_decoding_runs_the_kernel_eager_and_compiled():
+    """A bf16 model decodes through the kernel, eager and in the compiled step, and its logits stay
+    within bf16 noise of the float path's."""
+    from torch.profiler import profile
+
+    from glm4.generation import stream_tokens
+
+    model = tiny_lm(head_dim=64, num_attention_heads=8).bfloat16()
+    ids = random_ids(2, 7)
+
+    def logits_of() -> torch.Tensor:
+        """Decode steps over a fixed continuation (teacher forced), so the paths meet step by step."""
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(ids[:, :3], past_key_values=cache)
+            steps = [model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(3, 7)]
+        return torch.stack(steps)
+
+    with_kernel = logits_of().float()
+    kernels_can_decode = kernels.can_decode
+    kernels.can_decode = lambda *args: False
+    try:
+        without = logits_of().float()
+    finally:
+        kernels.can_decode = kernels_can_decode
+    torch.testing.assert_close(with_kernel, without, rtol=0, atol=0.05 * without.abs().max().item())
+
+    def generated(compile: bool) -> tuple[torch.Tensor, int]:
+        with profile() as prof:
+            tokens = list(stream_tokens(model, ids, max_new_tokens=6, eos_token_id=[], compile=compile))
+        calls = sum(e.count for e in prof.key_averages() if e.key == "glm4::decode_attention")
+        return torch.stack(tokens, dim=1), calls
+
+    eager, eager_calls = generated(False)
+    generated(True)  # compiles (and runs the op while compiling)
+    compiled, compiled_calls = generated(True)
+    layers = model.config.num_hidden_layers
+    assert eager_calls == compiled_calls == 5 * layers  # every step after the prompt's first token
+    assert torch.equal(compiled, eager)
+
+
+def test_kernel_cache_builds_once(tmp_path, monkeypatch):
+    """A library is built once per source, command and CPU, and found again after that."""
+    import ctypes
+    import subprocess
+
+    source = tmp_path / "answer.cpp"
+    source.write_text('extern "C" int answer() { return 42; }\n')
+    first = kernels.build(source, tmp_path / "cache")
+    assert ctypes.CDLL(str(first)).answer() == 42
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert kernels.build(source, tmp_path / "cache") == first
+    source.write_text('extern "C" int answer() { return 43; }\n')
+    with pytest.raises(AssertionError, match="built again"):
+        kernels.build(source, tmp_path / "cache")
+
+
+def test_without_a_compiler_decoding_keeps_the_float_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLM4_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels, "_available", None)
+    assert not kernels.available()
+    model = tiny_lm(head_dim=64, num_attention_heads=8).bfloat16()
+    out = model.generate(random_ids(1, 5), max_new_tokens=4, eos_token_id=[], compile=False)
+    assert out.shape == (1, 9)
+    monkeypatch.setattr(kernels, "_available", None)
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("GLM4_CPU_KERNELS", "0")
+    assert not kernels.available()
