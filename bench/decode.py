@@ -200,6 +200,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--batches", default="8,32", help="batch sizes for the throughput rows")
+    parser.add_argument("--long", type=int, default=4000, help="long-context row: prompt length (0: none)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per measurement")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-quantized", action="store_true")
@@ -269,6 +270,13 @@ def main() -> None:
         row("glm4 bf16: time to first token (512 prompt)",
             f"{glm4_decode(ours, long_prompt, 2, device)[0] * 1000:7.0f} ms")  # fmt: skip
         pairs = {"prefill 512": (lambda m: prefill_rate(m, 512, device, 151552),) * 2}
+        if args.long:  # decoding after a long prompt (Z1 answers run long): attention grows with it
+            long = torch.randint(0, 151552, (1, args.long), device=device)
+            glm4_decode(ours, long, 64, device)  # warm up this cache size
+            pairs[f"decode batch 1 after {args.long} tokens"] = (
+                lambda m: glm4_decode(m, long, 64, device)[1],
+                lambda m: hf_decode(m, long, 64, device)[1],
+            )
         for b in batches:
             batch = prompt.expand(b, -1).contiguous()
             glm4_decode(ours, batch, 64, device)  # warm up (and pack for) this shape

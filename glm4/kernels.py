@@ -50,12 +50,11 @@ def _cpu_flags() -> str:
 def build(source: Path, folder: Path) -> Path:
     """Compile `source` against torch into a shared library in `folder` (reused if already there);
     raises OSError or CalledProcessError when it cannot."""
-    from torch.utils import cpp_extension
-
     command = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     command += ["-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    command += [f"-I{p}" for p in cpp_extension.include_paths()]
-    libraries = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu"]
+    root = Path(torch.__file__).parent  # torch.utils.cpp_extension's paths, without importing setuptools
+    command += [f"-I{root / 'include'}"]
+    libraries = [f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu"]
     identity = [source.read_text(), *command, torch.__version__, _cpu_flags()]
     key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
     target = folder / f"{source.stem}-{key}.so"
