@@ -1,16 +1,22 @@
-"""Hand-written CPU kernels, built with the machine's C++ compiler on first use and cached.
+"""Hand-written CPU kernels for decoding, built with the machine's C++ compiler on first use and cached.
 
-Decoding attends with one query per row; on the CPU the library path (float copies of the cache
-and two small matmuls, or SDPA) costs several times the arithmetic: about 300 us a layer at 3,000
-cached positions on the benchmark model, against 100 for `csrc/decode_attention.cpp`. Long Z1
-answers decode over thousands of positions, so the difference grows with every token.
+- `decode_attention` (csrc/decode_attention.cpp): one query per row attends over a bf16 KV cache.
+  The library path (float copies of the cache and two small matmuls, or SDPA) costs several times
+  the arithmetic: about 300 us a layer at 3,000 cached positions on the benchmark model, against
+  100 here. Long Z1 answers decode over thousands of positions, so that grows with every token.
+- `int4_linear` (csrc/int4_linear.cpp): one row times a group-wise int4 weight in glm4's stored
+  layout, unpacked with table lookups and multiplied in bf16 pairs, where torch's CPU int4 kernel
+  is bound by its unpacking rather than by memory.
 
-The kernel is compiled with `-march=native` (g++, or $CXX) into a cache folder ($GLM4_KERNEL_CACHE,
-or ~/.cache/glm4/kernels) under a name that hashes the source, the command and this CPU's flags, so
-that a home folder shared between machines never hands one a binary built for another. Where it
-cannot be built (no compiler, no AVX-512F, not Linux on x86-64) or GLM4_CPU_KERNELS=0, `available()`
-says False and the model keeps its float path. It links libgomp as torch does, so it shares torch's
-OpenMP threads rather than starting a second team.
+Both are registered as torch ops (declared here, their CPU kernels registered by the library), so
+a compiled step calls C++ directly: the same kernel called from Python through ctypes spent 20-30 us
+a call around 10 of work. The library is compiled with `-march=native` (g++, or $CXX) against
+torch's headers into a cache folder ($GLM4_KERNEL_CACHE, or ~/.cache/glm4/kernels) under a name
+that hashes the sources, the command, torch's version and this CPU's flags, so that a home folder
+shared between machines never hands one a binary built for another. Where it cannot be built (no
+compiler, not Linux on x86-64), where the CPU lacks the instructions (AVX-512F; for int4 also
+AVX-512BW and BF16), or with GLM4_CPU_KERNELS=0, `available(op)` says False and the model keeps
+its float path or torch's kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
+OPS = ("decode_attention", "int4_linear")
+SOURCES = [Path(__file__).with_name("csrc") / f"{op}.cpp" for op in OPS]
 HEAD_DIMS = (64, 128, 256)
 
 
@@ -47,58 +54,62 @@ def _cpu_flags() -> str:
         return ""
 
 
-def build(source: Path, folder: Path) -> Path:
-    """Compile `source` against torch into a shared library in `folder` (reused if already there);
-    raises OSError or CalledProcessError when it cannot."""
+def build(sources: list[Path], folder: Path, name: str = "glm4_cpu") -> Path:
+    """Compile `sources` against torch into one shared library in `folder` (reused if already
+    there); raises OSError or CalledProcessError when it cannot."""
     command = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     command += ["-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     root = Path(torch.__file__).parent  # torch.utils.cpp_extension's paths, without importing setuptools
     command += [f"-I{root / 'include'}"]
     libraries = [f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu"]
-    identity = [source.read_text(), *command, torch.__version__, _cpu_flags()]
+    identity = [*(s.read_text() for s in sources), *command, torch.__version__, _cpu_flags()]
     key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
-    target = folder / f"{source.stem}-{key}.so"
+    target = folder / f"{name}-{key}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    log.info("glm4: building %s (once for this machine and torch)", source.name)
+    log.info("glm4: building %s (once for this machine and torch)", target.name)
     # Another process may build the same file at the same time: each writes its own and renames.
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         out = Path(tmp) / target.name
-        compile_ = [*command, str(source), "-o", str(out), *libraries]
+        compile_ = [*command, *map(str, sources), "-o", str(out), *libraries]
         subprocess.run(compile_, check=True, capture_output=True, timeout=600)
         os.replace(out, target)
     return target
 
 
-def _load() -> bool:
-    """Whether the decode-attention kernel is built, loaded and can run here."""
+def _load() -> dict[str, bool]:
+    """Which ops' kernels are built, loaded and can run here."""
     if os.environ.get("GLM4_CPU_KERNELS", "1") == "0":
-        return False
+        return {}
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return {}
     try:
-        library = ctypes.CDLL(str(build(SOURCE, cache_dir())))  # registers the op's CPU kernel
+        library = ctypes.CDLL(str(build(SOURCES, cache_dir())))  # registers the ops' CPU kernels
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
-        log.info("glm4: no CPU decode-attention kernel (%s) %s", e, detail.decode(errors="replace")[-500:])
-        return False
-    if not library.glm4_decode_attention_supported():
-        log.info("glm4: no CPU decode-attention kernel (this CPU has no AVX-512F)")
-        return False
-    return True
+        log.info("glm4: no CPU kernels (%s) %s", e, detail.decode(errors="replace")[-500:])
+        return {}
+    supported = {op: bool(getattr(library, f"glm4_{op}_supported")()) for op in OPS}
+    if not all(supported.values()):
+        log.info("glm4: this CPU lacks the instructions of some kernels: %s", supported)
+    return supported
 
 
-_available: bool | None = None
+_supported: dict[str, bool] | None = None
 
 
-def available() -> bool:
-    """Whether the kernel is built and can run here; builds it on the first call. While torch.compile
-    traces, only an answer found before counts (`generation.compiled_step` asks first)."""
-    global _available
-    if _available is None and not torch.compiler.is_compiling():
-        _available = _load()
-    return bool(_available)
+def available(op: str = "decode_attention") -> bool:
+    """Whether `op`'s kernel is built and can run here; builds the library on the first call. While
+    torch.compile traces, only an answer found before counts (`generation.compiled_step` asks first)."""
+    global _supported
+    if _supported is None and not torch.compiler.is_compiling():
+        _supported = _load()
+    return bool(_supported and _supported.get(op))
+
+
+def _inference(*tensors: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def can_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -108,15 +119,26 @@ def can_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.bfloat16
         and q.shape[-1] in HEAD_DIMS
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        and available()
+        and _inference(q, k, v)
+        and available("decode_attention")
     )
 
 
-# The op is declared here and its CPU kernel registered by the built library, so that a compiled
-# step calls C++ directly: a kernel written in Python (ctypes) spent 20-30 us a call around 10 of work.
+def can_int4(x: torch.Tensor, group_size: int) -> bool:
+    """Whether `int4_linear` runs x: one bf16 row on the CPU, groups of a multiple of 64 columns."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and x.shape[:-1].numel() == 1
+        and group_size % 64 == 0
+        and _inference(x)
+        and available("int4_linear")
+    )
+
+
 _ops = torch.library.Library("glm4", "FRAGMENT")
 _ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+_ops.define("int4_linear(Tensor x, Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor")
 
 
 def decode_attention(
@@ -127,6 +149,17 @@ def decode_attention(
     return torch.ops.glm4.decode_attention(q, k, v, mask, scale)
 
 
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
+    """x (..., K) with one row, times the int4 weight of `quantization.Int4Linear` (without bias):
+    weight (N, K/2) bytes, scales_and_zeros (N, K/group_size, 2). Check `can_int4` first."""
+    return torch.ops.glm4.int4_linear(x, weight, scales_and_zeros, group_size)
+
+
 @torch.library.register_fake("glm4::decode_attention")
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("glm4::int4_linear")
+def _(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -152,28 +152,106 @@ def test_kernel_cache_builds_once(tmp_path, monkeypatch):
 
     source = tmp_path / "answer.cpp"
     source.write_text('extern "C" int answer() { return 42; }\n')
-    first = kernels.build(source, tmp_path / "cache")
+    first = kernels.build([source], tmp_path / "cache")
     assert ctypes.CDLL(str(first)).answer() == 42
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("built again")
 
     monkeypatch.setattr(subprocess, "run", no_compiler)
-    assert kernels.build(source, tmp_path / "cache") == first
+    assert kernels.build([source], tmp_path / "cache") == first
     source.write_text('extern "C" int answer() { return 43; }\n')
     with pytest.raises(AssertionError, match="built again"):
-        kernels.build(source, tmp_path / "cache")
+        kernels.build([source], tmp_path / "cache")
 
 
 def test_without_a_compiler_decoding_keeps_the_float_path(tmp_path, monkeypatch):
     monkeypatch.setenv("GLM4_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(kernels, "_available", None)
+    monkeypatch.setattr(kernels, "_supported", None)
     assert not kernels.available()
     model = tiny_lm(head_dim=64, num_attention_heads=8).bfloat16()
     out = model.generate(random_ids(1, 5), max_new_tokens=4, eos_token_id=[], compile=False)
     assert out.shape == (1, 9)
-    monkeypatch.setattr(kernels, "_available", None)
+    monkeypatch.setattr(kernels, "_supported", None)
     monkeypatch.delenv("CXX")
     monkeypatch.setenv("GLM4_CPU_KERNELS", "0")
     assert not kernels.available()
+
+
+def int4_layer(out_features: int, in_features: int, group_size: int, seed: int = 0):
+    from glm4.quantization import Int4Linear
+
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=True).bfloat16()
+    return Int4Linear.from_linear(linear, group_size)
+
+
+needs_int4_kernel = pytest.mark.skipif(
+    not kernels.available("int4_linear"), reason="no C++ compiler, or no AVX-512BW and BF16 here"
+)
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(48, 64, 64), (304, 256, 128), (1008, 512, 256), (96, 1024, 64)])
+def test_int4_kernel_equals_the_dequantized_weight(shape, threads):
+    """One row times the stored int4 layout: (q - 8) * scale + zero per group, at least as close to
+    the float32 product as torch's int4 kernel."""
+    out_features, in_features, group_size = shape
+    layer = int4_layer(out_features, in_features, group_size)
+    x = torch.randn(1, 1, in_features).bfloat16()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = kernels.int4_linear(x, layer.weight, layer.scales_and_zeros, group_size)
+    finally:
+        torch.set_num_threads(previous)
+    exact = x.double() @ layer.dequantize().double().T
+    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x[0], layer.packed, group_size, layer.packed_scales)
+    assert ours.shape == (1, 1, out_features)
+    scale = exact.abs().max().item()
+    our_error = (ours.double() - exact).abs().max().item()
+    their_error = (theirs.double() - exact[0]).abs().max().item()
+    assert our_error <= max(1.5 * their_error, 2**-8 * scale)
+
+
+@needs_int4_kernel
+def test_int4_layers_take_the_kernel_for_one_row_only(monkeypatch):
+    layer = int4_layer(64, 128, 64)
+    calls = []
+    kernel = kernels.int4_linear
+    monkeypatch.setattr(kernels, "int4_linear", lambda *args: calls.append(1) or kernel(*args))
+    with torch.no_grad():
+        one = layer(torch.randn(1, 1, 128).bfloat16())
+        assert len(calls) == 1
+        rows = torch.randn(3, 1, 128).bfloat16()
+        batched = layer(rows)  # several rows: torch's kernel
+        assert len(calls) == 1
+        torch.testing.assert_close(batched[1:2], layer(rows[1:2]), atol=0.02, rtol=0.02)
+        assert len(calls) == 2
+        assert one.shape == (1, 1, 64)
+    assert not kernels.can_int4(torch.randn(1, 128).bfloat16(), 32)  # groups of 32: torch's kernel
+    assert not kernels.can_int4(torch.randn(1, 128), 64)  # float32
+
+
+@needs_int4_kernel
+def test_int4_model_decodes_through_the_kernel_compiled():
+    from torch.profiler import profile
+
+    from glm4.generation import stream_tokens
+    from glm4.quantization import quantize
+
+    model = quantize(tiny_lm(hidden_size=128, intermediate_size=256).bfloat16(), "int4")
+    ids = random_ids(1, 5)
+    eager = torch.stack(list(stream_tokens(model, ids, max_new_tokens=6, eos_token_id=[], compile=False)), 1)
+    list(stream_tokens(model, ids, max_new_tokens=6, eos_token_id=[], compile=True))  # compiles
+    with profile() as prof:
+        compiled = torch.stack(
+            list(stream_tokens(model, ids, max_new_tokens=6, eos_token_id=[], compile=True)), 1
+        )
+    calls = sum(e.count for e in prof.key_averages() if e.key == "glm4::int4_linear")
+    layers = model.config.num_hidden_layers
+    # q, k, v, o, gate_up, down and the head in each of 5 decode steps; the prompt's last-row head
+    assert calls == 5 * (6 * layers + 1) + 1
+    assert torch.equal(compiled, eager)
