@@ -55,14 +55,15 @@ def _cpu_flags() -> str:
 
 
 def build(sources: list[Path], folder: Path, name: str = "glm4_cpu") -> Path:
-    """Compile `sources` against torch into one shared library in `folder` (reused if already
-    there); raises OSError or CalledProcessError when it cannot."""
+    """Compile `sources` (and the headers beside them) against torch into one shared library in
+    `folder`, reused if already there; raises OSError or CalledProcessError when it cannot."""
     command = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     command += ["-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     root = Path(torch.__file__).parent  # torch.utils.cpp_extension's paths, without importing setuptools
     command += [f"-I{root / 'include'}"]
     libraries = [f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu"]
-    identity = [*(s.read_text() for s in sources), *command, torch.__version__, _cpu_flags()]
+    headers = sorted({h for source in sources for h in source.parent.glob("*.h")})
+    identity = [*(f.read_text() for f in [*sources, *headers]), *command, torch.__version__, _cpu_flags()]
     key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
     target = folder / f"{name}-{key}.so"
     if target.exists():

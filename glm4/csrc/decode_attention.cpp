@@ -17,6 +17,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "bf16.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -67,32 +69,64 @@ inline __m512 reduce16(const __m512 *a) {
     return _mm512_shuffle_f32x4(r, r, 0xD8);
 }
 
+// scores[g * n + j] = scale * q[g] . k[j] for a block of 16 keys, -inf where hidden.
 #ifdef __AVX512BF16__
-// scores[g * n + s] = scale * q[g] . k[s0 + s], -inf where the key is hidden. vdpbf16ps multiplies
-// pairs of bf16 exactly and adds them in float32, 32 products an instruction.
+// vdpbf16ps multiplies pairs of bf16 exactly and adds them in float32, 32 products an instruction.
+template <int D>
+void block_scores(const uint16_t *q, float scale, const uint16_t *k, int64_t k_ss, int64_t G, __mmask16 hidden,
+                  float *scores, int64_t n) {
+    for (int64_t g = 0; g < G; g++) {
+        __m512bh qv[D / 32];
+        for (int d = 0; d < D / 32; d++) qv[d] = (__m512bh)_mm512_loadu_si512(q + g * D + d * 32);
+        __m512 a[16];
+        for (int j = 0; j < 16; j++) {
+            __m512 t = _mm512_setzero_ps();
+            for (int d = 0; d < D / 32; d++)
+                t = _mm512_dpbf16_ps(t, qv[d], (__m512bh)_mm512_loadu_si512(k + j * k_ss + d * 32));
+            a[j] = t;
+        }
+        __m512 r = _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale));
+        _mm512_storeu_ps(scores + g * n, _mm512_mask_mov_ps(r, hidden, _mm512_set1_ps(-INFINITY)));
+    }
+}
+#else
+// The same with float FMAs, the block's keys converted once.
+template <int D>
+void block_scores(const uint16_t *q, float scale, const uint16_t *k, int64_t k_ss, int64_t G, __mmask16 hidden,
+                  float *scores, int64_t n) {
+    alignas(64) float kf[16 * D];
+    for (int j = 0; j < 16; j++)
+        for (int d = 0; d < D; d += 16) _mm512_store_ps(kf + j * D + d, load16(k + j * k_ss + d));
+    for (int64_t g = 0; g < G; g++) {
+        __m512 qv[D / 16];
+        for (int d = 0; d < D / 16; d++) qv[d] = load16(q + g * D + d * 16);
+        __m512 a[16];
+        for (int j = 0; j < 16; j++) {
+            __m512 t0 = _mm512_mul_ps(qv[0], _mm512_load_ps(kf + j * D));
+            __m512 t1 = _mm512_mul_ps(qv[1], _mm512_load_ps(kf + j * D + 16));
+            for (int d = 2; d < D / 16; d += 2) {
+                t0 = _mm512_fmadd_ps(qv[d], _mm512_load_ps(kf + j * D + d * 16), t0);
+                t1 = _mm512_fmadd_ps(qv[d + 1], _mm512_load_ps(kf + j * D + d * 16 + 16), t1);
+            }
+            a[j] = _mm512_add_ps(t0, t1);
+        }
+        __m512 r = _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale));
+        _mm512_storeu_ps(scores + g * n, _mm512_mask_mov_ps(r, hidden, _mm512_set1_ps(-INFINITY)));
+    }
+}
+#endif
+
+// scores[g * n + s] = scale * q[g] . k[s0 + s], -inf where the key is hidden: blocks of 16 keys,
+// then the rest one by one.
 template <int D>
 void scores_of(const uint16_t *q, float scale, const uint16_t *k, const uint8_t *keep, int64_t G, int64_t s0,
                int64_t n, int64_t k_ss, float *scores) {
     int64_t s = 0;
-    const __m512 sc = _mm512_set1_ps(scale);
     for (; s + 16 <= n; s += 16) {
         __mmask16 hidden = 0;
         for (int j = 0; j < 16; j++)
             if (keep && !keep[s0 + s + j]) hidden |= (__mmask16)(1u << j);
-        const uint16_t *kb = k + (s0 + s) * k_ss;
-        for (int64_t g = 0; g < G; g++) {
-            __m512bh qv[D / 32];
-            for (int d = 0; d < D / 32; d++) qv[d] = (__m512bh)_mm512_loadu_si512(q + g * D + d * 32);
-            __m512 a[16];
-            for (int j = 0; j < 16; j++) {
-                __m512 t = _mm512_setzero_ps();
-                for (int d = 0; d < D / 32; d++)
-                    t = _mm512_dpbf16_ps(t, qv[d], (__m512bh)_mm512_loadu_si512(kb + j * k_ss + d * 32));
-                a[j] = t;
-            }
-            __m512 r = _mm512_mul_ps(reduce16(a), sc);
-            _mm512_storeu_ps(scores + g * n + s, _mm512_mask_mov_ps(r, hidden, _mm512_set1_ps(-INFINITY)));
-        }
+        block_scores<D>(q, scale, k + (s0 + s) * k_ss, k_ss, G, hidden, scores + s, n);
     }
     for (; s < n; s++) {
         const uint16_t *kr = k + (s0 + s) * k_ss;
@@ -104,49 +138,6 @@ void scores_of(const uint16_t *q, float scale, const uint16_t *k, const uint8_t 
         }
     }
 }
-#else
-// The same with float FMAs, each block of 16 keys converted once.
-template <int D>
-void scores_of(const uint16_t *q, float scale, const uint16_t *k, const uint8_t *keep, int64_t G, int64_t s0,
-               int64_t n, int64_t k_ss, float *scores) {
-    alignas(64) float kf[16 * D];
-    int64_t s = 0;
-    const __m512 sc = _mm512_set1_ps(scale);
-    for (; s + 16 <= n; s += 16) {
-        __mmask16 hidden = 0;
-        for (int j = 0; j < 16; j++) {
-            const uint16_t *kr = k + (s0 + s + j) * k_ss;
-            for (int d = 0; d < D; d += 16) _mm512_store_ps(kf + j * D + d, load16(kr + d));
-            if (keep && !keep[s0 + s + j]) hidden |= (__mmask16)(1u << j);
-        }
-        for (int64_t g = 0; g < G; g++) {
-            __m512 qv[D / 16];
-            for (int d = 0; d < D / 16; d++) qv[d] = load16(q + g * D + d * 16);
-            __m512 a[16];
-            for (int j = 0; j < 16; j++) {
-                __m512 t0 = _mm512_mul_ps(qv[0], _mm512_load_ps(kf + j * D));
-                __m512 t1 = _mm512_mul_ps(qv[1], _mm512_load_ps(kf + j * D + 16));
-                for (int d = 2; d < D / 16; d += 2) {
-                    t0 = _mm512_fmadd_ps(qv[d], _mm512_load_ps(kf + j * D + d * 16), t0);
-                    t1 = _mm512_fmadd_ps(qv[d + 1], _mm512_load_ps(kf + j * D + d * 16 + 16), t1);
-                }
-                a[j] = _mm512_add_ps(t0, t1);
-            }
-            __m512 r = _mm512_mul_ps(reduce16(a), sc);
-            _mm512_storeu_ps(scores + g * n + s, _mm512_mask_mov_ps(r, hidden, _mm512_set1_ps(-INFINITY)));
-        }
-    }
-    for (; s < n; s++) {
-        const uint16_t *kr = k + (s0 + s) * k_ss;
-        bool hide = keep && !keep[s0 + s];
-        for (int64_t g = 0; g < G; g++) {
-            __m512 a = _mm512_setzero_ps();
-            for (int d = 0; d < D; d += 16) a = _mm512_fmadd_ps(load16(q + g * D + d), load16(kr + d), a);
-            scores[g * n + s] = hide ? -INFINITY : _mm512_reduce_add_ps(a) * scale;
-        }
-    }
-}
-#endif
 
 // Each score row becomes e^(score - its max); m and l get the max and the sum.
 void softmax_rows(float *scores, int64_t G, int64_t n, float *m, float *l) {
@@ -211,13 +202,6 @@ void chunk(const uint16_t *q, float scale, const uint16_t *k, const uint16_t *v,
 }
 
 
-inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
 
 // q, out: (B, H, G, D) contiguous, H the KV heads and G the query heads of each. k, v: unit stride
 // along D. keep: (B, S) bytes, 0 where a key is hidden, or null.
@@ -260,7 +244,7 @@ void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8
                 for (int64_t d = 0; d < D; d++) o[d] += w * acc[i * D + d];
             }
             float inv = total > 0.0f ? 1.0f / total : 0.0f;
-            for (int64_t d = 0; d < D; d++) out[(r * G + g) * D + d] = to_bf16(o[d] * inv);
+            for (int64_t d = 0; d < D; d++) out[(r * G + g) * D + d] = float_to_bf16(o[d] * inv);
         }
 }
 

@@ -15,6 +15,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "bf16.h"
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -30,21 +32,6 @@ namespace {
 // Ask for the bytes 4 KiB ahead of those being unpacked: measured on weights streamed from memory,
 // 1.2-1.35x the rate of leaving it to the hardware prefetcher (which torch's kernel does).
 constexpr int64_t PREFETCH = 4096;
-
-inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
 
 // xp: x reordered per 64 columns as [the 32 even columns, the 32 odd ones], to meet the low and the
 // high nibbles of 32 bytes. sums: x summed over each group (for the zeros).
