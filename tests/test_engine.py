@@ -147,14 +147,37 @@ def test_engine_start_releases_the_loading_threads_openmp_workers(monkeypatch):
 
     if torch.get_num_threads() < 2:
         pytest.skip("one thread: no OpenMP team to release")
-    a = torch.randn(512, 512)
-    _ = a @ a  # a parallel region: this thread's OpenMP team now exists
-    before = len(os.listdir("/proc/self/task"))
-    assert glm4.engine.release_openmp_workers()
-    deadline = time.monotonic() + 2
-    while len(os.listdir("/proc/self/task")) != before - (torch.get_num_threads() - 1):
-        assert time.monotonic() < deadline, "the workers did not exit"
-        time.sleep(0.01)
+
+    def tasks() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
+
+    # A fresh thread's first parallel region starts a team of its own: its workers are the threads
+    # that appear then (other tests' threads may come and go meanwhile, so count only these). The
+    # thread stays alive while they are counted: a thread's team also ends when the thread does.
+    seen: dict[str, object] = {}
+    released, checked = threading.Event(), threading.Event()
+
+    def load_then_release() -> None:
+        before = tasks()
+        a = torch.randn(512, 512)
+        _ = a @ a
+        seen["workers"] = tasks() - before
+        seen["released"] = glm4.engine.release_openmp_workers()
+        released.set()
+        checked.wait(10)
+
+    thread = threading.Thread(target=load_then_release)
+    thread.start()
+    try:
+        assert released.wait(10)
+        assert seen["released"] and len(seen["workers"]) >= torch.get_num_threads() - 1
+        deadline = time.monotonic() + 2
+        while seen["workers"] & tasks():
+            assert time.monotonic() < deadline, "the workers did not exit"
+            time.sleep(0.01)
+    finally:
+        checked.set()
+        thread.join()
 
     calls = []
     monkeypatch.setattr(glm4.engine, "release_openmp_workers", lambda: calls.append(1) or True)
