@@ -221,7 +221,8 @@ def compiled_step(model: torch.nn.Module):
         if model.device.type == "cuda":
             step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
-            kernels.available()  # build the CPU kernels now: tracing cannot
+            if model.dtype == torch.bfloat16:
+                kernels.available()  # build the CPU kernels now: tracing cannot
             # Materialise every intermediate instead of recomputing it inside the consumers: otherwise
             # inductor inlines a norm into the next matmul-as-reduction and redoes it for every row.
             options = {"realize_reads_threshold": 1, "realize_opcount_threshold": 1}

@@ -255,3 +255,18 @@ def test_int4_model_decodes_through_the_kernel_compiled():
     # q, k, v, o, gate_up, down and the head in each of 5 decode steps; the prompt's last-row head
     assert calls == 5 * (6 * layers + 1) + 1
     assert torch.equal(compiled, eager)
+
+
+@needs_kernel
+def test_a_compiled_step_asks_for_the_kernels_before_tracing(monkeypatch):
+    """Tracing cannot build the library: the compiled step's first use must, or a fresh process
+    would decode on the float path (here "fresh": nothing has asked yet)."""
+    from torch.profiler import profile
+
+    from glm4.generation import stream_tokens
+
+    monkeypatch.setattr(kernels, "_supported", None)
+    model = tiny_lm(seed=2, head_dim=64, num_attention_heads=8).bfloat16()
+    with profile() as prof:
+        list(stream_tokens(model, random_ids(1, 5), max_new_tokens=4, eos_token_id=[], compile=True))
+    assert any(e.key == "glm4::decode_attention" for e in prof.key_averages())
