@@ -2,7 +2,8 @@
 
 Decoding one token reads every weight once, so halving or quartering the bytes of the weights is
 what speeds it up. On the CPU the matmuls run in PyTorch's packed kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`); elsewhere the weight is dequantized into the matmul, which
+`_weight_int4pack_mm_for_cpu`), but for int4 with one bf16 row, which runs glm4's own kernel on the
+stored layout (kernels.int4_linear); elsewhere the weight is dequantized into the matmul, which
 torch.compile fuses. Activations stay in the model's dtype.
 
 Checkpoints keep a portable layout (int8 rows; int4 two per byte, low nibble first) and
