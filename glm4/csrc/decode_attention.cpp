@@ -201,8 +201,6 @@ void chunk(const uint16_t *q, float scale, const uint16_t *k, const uint16_t *v,
     for (; g < G; g++) weigh_values<D, 1>(scores, v, g, s0, n, v_ss, acc);
 }
 
-
-
 // q, out: (B, H, G, D) contiguous, H the KV heads and G the query heads of each. k, v: unit stride
 // along D. keep: (B, S) bytes, 0 where a key is hidden, or null.
 void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *keep, uint16_t *out,
