@@ -214,10 +214,16 @@ def pack_for(model: torch.nn.Module, batch_size: int, pack: bool | None) -> None
         model.pack_weights()
 
 
+# Graphs of decode_step a process may compile: one per model, batch size and cache size. dynamo
+# counts them together (one code object), and past its default of 8 a fullgraph step fails.
+RECOMPILE_LIMIT = 256
+
+
 def compiled_step(model: torch.nn.Module):
     """`model.decode_step` under torch.compile, built once per model and kept on it."""
     step = getattr(model, "_compiled_decode_step", None)
     if step is None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         if model.device.type == "cuda":
             step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:

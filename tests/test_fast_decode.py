@@ -47,6 +47,22 @@ def test_chunked_prefill_equals_one_shot(model, chunk):
     assert torch.equal(model.generate(ids, prefill_chunk=chunk, **kwargs), model.generate(ids, **kwargs))
 
 
+def test_a_process_compiles_more_decode_steps_than_dynamos_default_allows():
+    """One graph per model, batch size and cache size, all of one code object: past dynamo's limit
+    (8 by default, 2 here) a fullgraph step would fail instead of compiling."""
+    torch._dynamo.reset()
+    config = torch._dynamo.config
+    previous, config.recompile_limit = config.recompile_limit, 2
+    try:
+        model = tiny_lm(seed=4)
+        for batch in (1, 2, 3):
+            ids = random_ids(batch, 4)
+            kwargs = dict(max_new_tokens=3, eos_token_id=[])
+            assert torch.equal(model.generate(ids, compile=True, **kwargs), model.generate(ids, **kwargs))
+    finally:  # as glm4 leaves it (monkeypatch cannot restore this config's attributes)
+        config.recompile_limit = max(previous, config.recompile_limit)
+
+
 def test_compiled_equals_eager_and_compiles_once(model):
     from torch._dynamo.utils import counters
 
