@@ -7,16 +7,19 @@
 - `int4_linear` (csrc/int4_linear.cpp): one row times a group-wise int4 weight in glm4's stored
   layout, unpacked with table lookups and multiplied in bf16 pairs, where torch's CPU int4 kernel
   is bound by its unpacking rather than by memory.
+- `bf16_linear` (csrc/bf16_linear.cpp): up to 8 rows of bf16 times a plain bf16 weight in one
+  pass over it, for eager and batched decoding, where oneDNN needs a packed copy of the weight
+  and still runs 1.2-1.6x slower at 1 to 4 rows.
 
-Both are registered as torch ops (declared here, their CPU kernels registered by the library), so
+All are registered as torch ops (declared here, their CPU kernels registered by the library), so
 a compiled step calls C++ directly: the same kernel called from Python through ctypes spent 20-30 us
 a call around 10 of work. The library is compiled with `-march=native` (g++, or $CXX) against
 torch's headers into a cache folder ($GLM4_KERNEL_CACHE, or ~/.cache/glm4/kernels) under a name
 that hashes the sources, the command, torch's version and this CPU's flags, so that a home folder
 shared between machines never hands one a binary built for another. Where it cannot be built (no
-compiler, not Linux on x86-64), where the CPU lacks the instructions (AVX-512F; for int4 also
-AVX-512BW and BF16), or with GLM4_CPU_KERNELS=0, `available(op)` says False and the model keeps
-its float path or torch's kernel.
+compiler, not Linux on x86-64), where the CPU lacks the instructions (AVX-512F; for the two
+linears also AVX-512BW and BF16), or with GLM4_CPU_KERNELS=0, `available(op)` says False and the
+model keeps its float path, torch's kernel or oneDNN.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-OPS = ("decode_attention", "int4_linear")
+OPS = ("decode_attention", "int4_linear", "bf16_linear")
 SOURCES = [Path(__file__).with_name("csrc") / f"{op}.cpp" for op in OPS]
 HEAD_DIMS = (64, 128, 256)
+# Smaller weights (a toy model's) spend more in the call than in the product: not worth the build.
+BF16_LINEAR_MIN_WEIGHT = 1 << 18
 
 
 def cache_dir() -> Path:
@@ -125,6 +130,20 @@ def can_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
+def can_bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `bf16_linear` runs x @ weight.T: both bf16 on the CPU, a contiguous weight of at
+    least BF16_LINEAR_MIN_WEIGHT elements, nothing that needs gradients. The caller picks the rows."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.bfloat16
+        and weight.dim() == 2
+        and weight.numel() >= BF16_LINEAR_MIN_WEIGHT
+        and weight.is_contiguous()
+        and _inference(x, weight)
+        and available("bf16_linear")
+    )
+
+
 def can_int4(x: torch.Tensor, group_size: int) -> bool:
     """Whether `int4_linear` runs x: one bf16 row on the CPU, groups of a multiple of 64 columns."""
     return (
@@ -140,6 +159,7 @@ def can_int4(x: torch.Tensor, group_size: int) -> bool:
 _ops = torch.library.Library("glm4", "FRAGMENT")
 _ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
 _ops.define("int4_linear(Tensor x, Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor")
+_ops.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
 
 
 def decode_attention(
@@ -148,6 +168,12 @@ def decode_attention(
     """softmax(q k^T * scale) v for one query per row: q (B, H, 1, D), k and v (B, H_kv, S, D),
     mask None or a (B, 1, 1, S) bool of the keys each row may see. Check `can_decode` first."""
     return torch.ops.glm4.decode_attention(q, k, v, mask, scale)
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ weight.T for bf16 x and weight (N, K), without bias, in one pass over the
+    weight for up to 8 rows of x at a time. Check `can_bf16_linear` first."""
+    return torch.ops.glm4.bf16_linear(x, weight)
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
@@ -163,4 +189,9 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | No
 
 @torch.library.register_fake("glm4::int4_linear")
 def _(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("glm4::bf16_linear")
+def _(x: torch.Tensor, weight: torch.Tensor):
     return x.new_empty(*x.shape[:-1], weight.shape[0])

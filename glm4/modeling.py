@@ -70,18 +70,27 @@ def can_pack(weight: torch.Tensor) -> bool:
     return cpu_bf16 and torch.backends.mkldnn.is_available()
 
 
+# Rows of x up to which glm4's bf16 kernel runs a product: measured on the benchmark's weights
+# streamed from memory, against oneDNN on the packed copy it is 1.4x faster at 1 row, 1.6x at 2
+# and 1.2x at 4, and 0.8x at 8; against the plain weight (no copy) 1.9x at 1 to 4 rows, 1.6x at 8.
+KERNEL_ROWS_PACKED, KERNEL_ROWS = 4, 8
+
+
 class Linear(nn.Linear):
-    """nn.Linear with two CPU inference paths for decoding.
+    """nn.Linear with three CPU inference paths for decoding.
 
     One row at a time under torch.compile (batch-1 decoding), the product is written as a
     multiply-reduce that inductor fuses into one pass over the weight, which streams at close to
     memory bandwidth; the library GEMV reaches about half of it.
 
-    Several rows at a time (batched decoding, prefill), a bf16 GEMM on the plain weight makes oneDNN
-    reorder the whole weight on every call. `pack()` keeps a copy in oneDNN's blocked layout
-    instead, which that GEMM reads directly (about 1.6x faster at 8 rows). The copy costs the
-    weight's size again, so it is made on request (see `Glm4PreTrainedModel.pack_weights`), is
-    used only without autograd, and is ignored once the weight changes.
+    A few rows of bf16 (eager batch-1 decoding, batches of up to 8), glm4's kernel
+    (`kernels.bf16_linear`) reads the plain weight once for all of them; see KERNEL_ROWS.
+
+    More rows (larger batches, prefill), a bf16 GEMM on the plain weight makes oneDNN reorder the
+    whole weight on every call. `pack()` keeps a copy in oneDNN's blocked layout instead, which
+    that GEMM reads directly (about 1.6x faster at 8 rows). The copy costs the weight's size
+    again, so it is made on request (see `Glm4PreTrainedModel.pack_weights`), is used only without
+    autograd, and is ignored once the weight changes.
     """
 
     packed: torch.Tensor | None = None
@@ -96,13 +105,18 @@ class Linear(nn.Linear):
                 y = y.view(*x.shape[:-1], self.out_features)
                 return y + self.bias if self.bias is not None else y
             # The compiled step does not check for staleness: its callers repack first (pack_weights).
-            if (
+            packed = (
                 rows > 1
                 and self.packed is not None
                 and x.dtype == self.weight.dtype
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and (compiling or self.packed_is_current())
-            ):
+            )
+            kernel_rows = KERNEL_ROWS_PACKED if packed else KERNEL_ROWS
+            if rows <= kernel_rows and kernels.can_bf16_linear(x, self.weight):
+                y = kernels.bf16_linear(x, self.weight)
+                return y + self.bias if self.bias is not None else y
+            if packed:
                 return packed_linear(x, self.packed, self.bias)
         return super().forward(x)
 

@@ -270,3 +270,149 @@ def test_a_compiled_step_asks_for_the_kernels_before_tracing(monkeypatch):
     with profile() as prof:
         list(stream_tokens(model, random_ids(1, 5), max_new_tokens=4, eos_token_id=[], compile=True))
     assert any(e.key == "glm4::decode_attention" for e in prof.key_averages())
+
+
+# -- bf16_linear: a few rows of bf16 x times a bf16 weight ----------------------------------------
+
+needs_bf16_linear = pytest.mark.skipif(
+    not kernels.available("bf16_linear"), reason="no C++ compiler, or no AVX-512BW and BF16 here"
+)
+
+
+def with_threads(threads: int, fn):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_bf16_linear
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "shape",  # (rows of x, N, K): one pass and several, odd N (an unpaired middle row), K % 32 != 0
+    [(1, 64, 64), (2, 33, 40), (8, 130, 1000), (9, 257, 96), (19, 64, 2816), (3, 1, 7)],
+)
+def test_bf16_linear_equals_the_float64_product(shape, threads):
+    """At least as close to the exact product as the library's bf16 matmul, rounded to bf16 once."""
+    rows, n, k = shape
+    g = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, 1, k, generator=g).bfloat16()
+    weight = (torch.randn(n, k, generator=g) * k**-0.5).bfloat16()
+    ours = with_threads(threads, lambda: kernels.bf16_linear(x, weight))
+    exact = x.double() @ weight.double().T
+    theirs = torch.nn.functional.linear(x, weight)
+    assert ours.shape == (rows, 1, n) and ours.dtype == torch.bfloat16
+    scale = exact.abs().max().item()
+    our_error = (ours.double() - exact).abs().max().item()
+    their_error = (theirs.double() - exact).abs().max().item()
+    assert our_error <= max(1.5 * their_error, 2**-8 * scale)
+
+
+@needs_bf16_linear
+def test_bf16_linear_rows_do_not_depend_on_the_batch_or_the_threads():
+    """Each output is one thread's sum in a fixed order: a row gives the same bits alone or among
+    others, on any number of threads (so a sequence decodes alike alone or in the server's batch)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(11, 1000, generator=g).bfloat16()
+    weight = torch.randn(301, 1000, generator=g).bfloat16()
+    together = with_threads(1, lambda: kernels.bf16_linear(x, weight))
+    for threads in (2, 4):
+        assert torch.equal(with_threads(threads, lambda: kernels.bf16_linear(x, weight)), together)
+    for i in range(11):
+        assert torch.equal(kernels.bf16_linear(x[i : i + 1], weight), together[i : i + 1])
+
+
+@needs_bf16_linear
+def test_bf16_linear_rejects_what_it_has_no_kernel_for():
+    weight = torch.randn(8, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernels.bf16_linear(torch.randn(1, 64), weight)
+    with pytest.raises(RuntimeError, match="weight"):
+        kernels.bf16_linear(torch.randn(1, 32).bfloat16(), weight)
+
+
+def test_where_bf16_linear_runs():
+    x = torch.randn(2, 512).bfloat16()
+    weight = torch.randn(512, 512).bfloat16()  # 2**18 elements: just large enough
+    built = kernels.available("bf16_linear")
+    assert kernels.can_bf16_linear(x, weight) == built
+    assert not kernels.can_bf16_linear(x, weight[:-1])  # a toy model's weight: the call costs more
+    assert not kernels.can_bf16_linear(x, weight.t())  # not contiguous: it would be copied
+    assert not kernels.can_bf16_linear(x.float(), weight.float())
+    weight.requires_grad_(True)
+    assert not kernels.can_bf16_linear(x, weight)  # training: no gradients here
+    with torch.no_grad():
+        assert kernels.can_bf16_linear(x, weight) == built
+
+
+@needs_bf16_linear
+def test_linear_layers_choose_the_kernel_by_rows(monkeypatch):
+    """Up to 8 rows on the plain weight; with a packed copy, up to 4 rows (oneDNN is faster on its
+    copy from 5 rows); more rows: oneDNN."""
+    layer = glm4.modeling.Linear(512, 1024, bias=True).bfloat16()
+    calls = []
+    kernel, packed = kernels.bf16_linear, glm4.modeling.packed_linear
+    monkeypatch.setattr(kernels, "bf16_linear", lambda *a: calls.append("kernel") or kernel(*a))
+    monkeypatch.setattr(glm4.modeling, "packed_linear", lambda *a: calls.append("packed") or packed(*a))
+
+    def run(rows: int) -> str | None:
+        calls.clear()
+        x = torch.randn(rows, 1, 512).bfloat16()
+        with torch.no_grad():
+            y = layer(x)
+        reference = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+        torch.testing.assert_close(y.float(), reference, atol=0.05, rtol=0.02)
+        return calls[0] if calls else None
+
+    assert [run(r) for r in (1, 2, 8, 9)] == ["kernel", "kernel", "kernel", None]
+    if glm4.modeling.can_pack(layer.weight):
+        layer.pack()
+        assert [run(r) for r in (1, 4, 5, 9)] == ["kernel", "kernel", "packed", "packed"]
+    x = torch.randn(2, 512).bfloat16()
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # autograd on
+
+
+@needs_bf16_linear
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bf16_model_decodes_through_bf16_linear(batch, monkeypatch):
+    """A bf16 model's decode steps run every matmul in the kernel (eager; compiled from 2 rows, one
+    row being inductor's fused reduce), within bf16 noise of the library's, compiled == eager."""
+    from torch.profiler import profile
+
+    from glm4.cache import DynamicCache
+    from glm4.generation import stream_tokens
+
+    monkeypatch.setattr(kernels, "BF16_LINEAR_MIN_WEIGHT", 0)  # the tiny model's weights too
+    model = tiny_lm(seed=3).bfloat16()
+    ids = random_ids(batch, 12)  # a prompt of more than 8 rows: the library's GEMM
+
+    def logits_of() -> torch.Tensor:
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(ids[:, :9], past_key_values=cache)
+            steps = [model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(9, 12)]
+        return torch.stack(steps).float()
+
+    with_kernel = logits_of()
+    monkeypatch.setattr(kernels, "can_bf16_linear", lambda *args: False)
+    without = logits_of()
+    monkeypatch.undo()
+    monkeypatch.setattr(kernels, "BF16_LINEAR_MIN_WEIGHT", 0)
+    torch.testing.assert_close(with_kernel, without, rtol=0, atol=0.02 * without.abs().max().item())
+
+    def generated(compile: bool) -> tuple[torch.Tensor, int]:
+        with profile() as prof:
+            tokens = stream_tokens(model, ids, max_new_tokens=5, eos_token_id=[], compile=compile, pack=False)
+            tokens = torch.stack(list(tokens), dim=1)
+        return tokens, sum(e.count for e in prof.key_averages() if e.key == "glm4::bf16_linear")
+
+    eager, eager_calls = generated(False)
+    generated(True)  # compiles
+    compiled, compiled_calls = generated(True)
+    per_step = 6 * model.config.num_hidden_layers + 1  # q, k, v, o, gate_up, down; the head
+    # 4 decode steps after the prompt's token, whose last positions (1 or 3 rows) go through the head
+    assert eager_calls == 4 * per_step + 1
+    assert compiled_calls == (4 * per_step if batch > 1 else 0) + 1
+    assert torch.equal(compiled, eager)

@@ -1,0 +1,19 @@
+// AVX-512 helpers shared by the kernels; include after <immintrin.h>, under __AVX512F__.
+#pragma once
+
+namespace {
+
+// r[j] = the sum of a[j]'s lanes: four rounds of shuffles and adds, instead of 16 reductions.
+inline __m512 reduce16(const __m512 *a) {
+    __m512 x[8], y[4], z[2];
+    for (int i = 0; i < 8; i++)
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
+    for (int i = 0; i < 4; i++)
+        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[i], x[i + 4], 0x88), _mm512_shuffle_f32x4(x[i], x[i + 4], 0xDD));
+    for (int i = 0; i < 2; i++)
+        z[i] = _mm512_add_ps(_mm512_unpacklo_ps(y[i], y[i + 2]), _mm512_unpackhi_ps(y[i], y[i + 2]));
+    __m512 r = _mm512_add_ps(_mm512_unpacklo_ps(z[0], z[1]), _mm512_unpackhi_ps(z[0], z[1]));
+    return _mm512_shuffle_f32x4(r, r, 0xD8);
+}
+
+}  // namespace
