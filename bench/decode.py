@@ -142,9 +142,10 @@ def glm4_decode(model, prompt: torch.Tensor, new_tokens: int, device: str) -> tu
     return ttft, prompt.shape[0] * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def glm4_stretches(model, prompt: torch.Tensor, new_tokens: int, meter: Meter) -> Stretches:
+def glm4_stretches(model, prompt: torch.Tensor, new_tokens: int, meter: Meter, compile=None) -> Stretches:
     timing = Stretches(meter, prompt.shape[0])
-    for i, _ in enumerate(stream_tokens(model, prompt, max_new_tokens=new_tokens, eos_token_id=[])):
+    steps = stream_tokens(model, prompt, max_new_tokens=new_tokens, eos_token_id=[], compile=compile)
+    for i, _ in enumerate(steps):
         if i == 0:
             timing.start()
         else:
@@ -199,7 +200,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="CUDA and the GLM-4-9B shape")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--batches", default="8,32", help="batch sizes for the throughput rows")
+    parser.add_argument("--batches", default="2,4,8,32", help="batch sizes for the throughput rows")
     parser.add_argument("--long", type=int, default=4000, help="long-context row: prompt length (0: none)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per measurement")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -245,20 +246,23 @@ def main() -> None:
                 row(f"{name}: logits vs bf16 (64 positions)", f"max |diff| {err:.1%} of max |logit|, "
                     f"top-1 agrees {top1:.0%}")  # fmt: skip
 
-        # Batch 1: decode rate and roofline fraction, every variant in turn, round after round.
+        # Batch 1: decode rate and roofline fraction, every variant in turn, round after round. The
+        # eager row is the path of generations too short to pay for compiling (and of compile=False).
         for model in models.values():
             glm4_decode(model, prompt, args.new_tokens, device)  # warm up (and compile) the same path
-        names = [*models, *(["transformers bf16"] if hf is not None else [])]
+        variants = {name: (model, None) for name, model in models.items()}
+        variants["glm4 bf16 eager"] = (models["glm4 bf16"], False)
+        names = [*variants, *(["transformers bf16"] if hf is not None else [])]
         timings: dict[str, list[Stretches]] = {name: [] for name in names}
         for _ in range(args.rounds):
-            for name, model in models.items():
-                timings[name].append(glm4_stretches(model, prompt, args.new_tokens, meter))
+            for name, (model, compile) in variants.items():
+                timings[name].append(glm4_stretches(model, prompt, args.new_tokens, meter, compile))
             if hf is not None:
                 with torch.inference_mode():
                     timings["transformers bf16"].append(hf_stretches(hf, prompt, args.new_tokens, meter))
         rate = {}
         for name, runs in timings.items():
-            per_token = weight_bytes_per_token(hf if name.startswith("transformers") else models[name])
+            per_token = weight_bytes_per_token(hf if name.startswith("transformers") else variants[name][0])
             rate[name] = statistics.median(t.rate for t in runs)
             roof, bw = roofline(runs, per_token)
             row(f"{name}: decode batch 1", f"{rate[name]:7.1f} tok/s  ({roof:.0%} of roofline at "
@@ -285,7 +289,7 @@ def main() -> None:
                 lambda m, batch=batch: hf_decode(m, batch, 64, device)[1],
             )
         ratios = (
-            {f"{name} decode batch 1": rate[name] / rate["transformers bf16"] for name in models}
+            {f"{name} decode batch 1": rate[name] / rate["transformers bf16"] for name in variants}
             if hf
             else {}
         )
