@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -252,6 +253,24 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+class Progress(logging.Handler):
+    """glm4's log on stderr as `glm4: ...`: the long waits (building the CPU kernels, compiling a
+    decode step) and notes on the checkpoint. The library itself leaves logging to its user."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"glm4: {record.getMessage()}", file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+def show_progress() -> None:
+    log = logging.getLogger("glm4")
+    if not any(isinstance(h, Progress) for h in log.handlers):
+        log.addHandler(Progress())
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     from glm4 import parallel
 
@@ -259,6 +278,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     if parallel.is_tensor_parallel() and parallel.rank() != 0:
         out = io.StringIO()  # under torchrun every rank computes; rank 0 alone talks to the user
+    else:
+        show_progress()
     commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
     try:
         return commands[args.command](args, out)

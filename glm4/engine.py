@@ -25,7 +25,7 @@ import torch
 
 from glm4 import hugepages
 from glm4.cache import KVCache, kv_layout
-from glm4.generation import compiled_step, pack_for, prefill, should_compile, steady, step_mask
+from glm4.generation import pack_for, prefill, should_compile, steady, step_mask
 from glm4.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger("glm4")
@@ -170,7 +170,7 @@ class Engine:
         if compile is None:
             compile = should_compile(model, 64)
         self.compiled = compile
-        self.step_fn = steady(compiled_step(model)) if compile else model.decode_step
+        self.step_fn = steady(model) if compile else model.decode_step
         pack_for(model, max_batch_size, pack)
         self.active: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()

@@ -7,6 +7,8 @@ the same weights.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +17,8 @@ import torch
 from glm4 import kernels
 from glm4.cache import DynamicCache, KVCache, StaticCache
 from glm4.sampling import SamplingParams, sample_next
+
+logger = logging.getLogger("glm4")
 
 # (row, generated ids of that row) -> stop now? Used for stop strings, which need a tokenizer.
 StopCheck = Callable[[int, list[int]], bool]
@@ -80,7 +84,7 @@ def stream_tokens(
     if compile is None:
         compile = cache == "static" and should_compile(model, max_new_tokens)
     compiled = compile and cache == "static"
-    step = steady(compiled_step(model)) if compiled else model.decode_step
+    step = steady(model) if compiled else model.decode_step
     pack_for(model, B, pack)
 
     seen = input_ids if params.repetition_penalty != 1.0 else None
@@ -237,19 +241,37 @@ def compiled_step(model: torch.nn.Module):
     return step
 
 
-def steady(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """A compiled step called again and again on inputs of unchanging shapes: once the first call
-    has passed dynamo's guards, later calls skip evaluating them (about 0.5 ms a step on the CPU,
-    a few percent of a small model's step)."""
+_compiled: set[tuple] = set()  # the models and shapes whose decode step this process has compiled
+
+
+def steady(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """The model's compiled step for a run of calls on inputs of unchanging shapes: once the first
+    call has passed dynamo's guards, later calls skip evaluating them (about 0.5 ms a step on the
+    CPU, a few percent of a small model's step).
+
+    The first call for a model and shapes this process has not met compiles, which takes from
+    seconds to minutes by model size: it is logged (logger "glm4", INFO; the CLI shows it).
+    """
+    step = compiled_step(model)
     checked = False
 
-    def call(*args: Any) -> torch.Tensor:
+    def call(tokens: torch.Tensor, *args: Any) -> torch.Tensor:
         nonlocal checked
         if not checked:
             checked = True
-            return step(*args)
+            batch, positions = tokens.shape[0], args[2].max_length
+            # What dynamo's guards look at: another instance of the same model shares the graph.
+            key = (repr(model.config), model.dtype, model.device, batch, positions)
+            if key in _compiled:
+                return step(tokens, *args)
+            logger.info("compiling the decode step for batch %d, %d cache positions (once)", batch, positions)
+            start = time.perf_counter()
+            out = step(tokens, *args)
+            _compiled.add(key)
+            logger.info("compiled in %.1f s", time.perf_counter() - start)
+            return out
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return step(*args)
+            return step(tokens, *args)
 
     return call
 

@@ -74,7 +74,7 @@ def build(sources: list[Path], folder: Path, name: str = "glm4_cpu") -> Path:
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    log.info("glm4: building %s (once for this machine and torch)", target.name)
+    log.info("building the CPU kernels (once per machine and torch version, about 20 s): %s", target.name)
     # Another process may build the same file at the same time: each writes its own and renames.
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         out = Path(tmp) / target.name
@@ -94,11 +94,11 @@ def _load() -> dict[str, bool]:
         library = ctypes.CDLL(str(build(SOURCES, cache_dir())))  # registers the ops' CPU kernels
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
-        log.info("glm4: no CPU kernels (%s) %s", e, detail.decode(errors="replace")[-500:])
+        log.info("no CPU kernels (%s) %s", e, detail.decode(errors="replace")[-500:])
         return {}
     supported = {op: bool(getattr(library, f"glm4_{op}_supported")()) for op in OPS}
     if not all(supported.values()):
-        log.info("glm4: this CPU lacks the instructions of some kernels: %s", supported)
+        log.info("this CPU lacks the instructions of some kernels: %s", supported)
     return supported
 
 

@@ -100,3 +100,26 @@ def test_chat_tool_call_asks_for_the_result(tmp_path):
     assert "result of get_weather> " in out
     # The reply to the observation was generated after the result (whatever the toy model says).
     assert out.index("result of get_weather> ") < out.rindex("> ")
+
+
+def test_the_first_compiled_step_is_announced_on_stderr(checkpoint, capsys, monkeypatch):
+    """Compiling takes seconds to minutes on a real model: the command says so before and after."""
+    import logging
+
+    import glm4.generation
+    from glm4.cli import Progress
+
+    monkeypatch.setattr(glm4.generation, "should_compile", lambda model, max_new_tokens: True)
+    monkeypatch.setattr(glm4.generation, "_compiled", set())  # as in a new process
+    log = logging.getLogger("glm4")
+    try:
+        code, out = run(["generate", "Hello", "--model", checkpoint, "--max-new-tokens", "4"])
+        err = capsys.readouterr().err.splitlines()
+        assert code == 0 and out
+        assert err[0].startswith("glm4: compiling the decode step for batch 1, 512 cache positions (once)")
+        assert err[1].startswith("glm4: compiled in") and len(err) == 2
+        code, out = run(["generate", "Hello", "--model", checkpoint, "--max-new-tokens", "4"])
+        assert code == 0 and capsys.readouterr().err == ""  # the same model again: its graph is there
+    finally:
+        log.handlers = [h for h in log.handlers if not isinstance(h, Progress)]
+        log.setLevel(logging.NOTSET)
