@@ -95,9 +95,9 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &weight) {
 #ifdef GLM4_BF16_LINEAR_KERNEL
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
                 "glm4::bf16_linear takes bfloat16 x and weight");
-    TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1),
-                "glm4::bf16_linear: x (..., K) and weight (N, K)");
-    const int64_t K = weight.size(1), N = weight.size(0), M = x.numel() / std::max<int64_t>(K, 1);
+    TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1) && weight.size(1) > 0,
+                "glm4::bf16_linear: x (..., K) and weight (N, K), K > 0");
+    const int64_t K = weight.size(1), N = weight.size(0), M = x.numel() / K;
     at::Tensor xc = x.contiguous(), wc = weight.contiguous();
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = N;
