@@ -145,24 +145,34 @@ def test_bf16_decoding_runs_the_kernel_eager_and_compiled():
     assert torch.equal(compiled, eager)
 
 
-def test_kernel_cache_builds_once(tmp_path, monkeypatch):
-    """A library is built once per source, command and CPU, and found again after that."""
+def test_kernel_cache_builds_once(tmp_path, monkeypatch, caplog):
+    """A library is built once per source, command and CPU (and says so: it takes a while), and
+    found again after that."""
     import ctypes
+    import logging
     import subprocess
 
     source = tmp_path / "answer.cpp"
     source.write_text('extern "C" int answer() { return 42; }\n')
-    first = kernels.build([source], tmp_path / "cache")
-    assert ctypes.CDLL(str(first)).answer() == 42
+    other = tmp_path / "other.cpp"  # sources are compiled side by side, then linked together
+    other.write_text('extern "C" int other() { return 7; }\n')
+    with caplog.at_level(logging.INFO, logger="glm4"):
+        first = kernels.build([source, other], tmp_path / "cache")
+    assert "building the CPU kernels" in caplog.text
+    assert ctypes.CDLL(str(first)).answer() == 42 and ctypes.CDLL(str(first)).other() == 7
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("built again")
 
     monkeypatch.setattr(subprocess, "run", no_compiler)
-    assert kernels.build([source], tmp_path / "cache") == first
+    assert kernels.build([source, other], tmp_path / "cache") == first
     source.write_text('extern "C" int answer() { return 43; }\n')
     with pytest.raises(AssertionError, match="built again"):
-        kernels.build([source], tmp_path / "cache")
+        kernels.build([source, other], tmp_path / "cache")
+    monkeypatch.undo()
+    other.write_text("this is not C++\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        kernels.build([source, other], tmp_path / "cache")
 
 
 def test_without_a_compiler_decoding_keeps_the_float_path(tmp_path, monkeypatch):
