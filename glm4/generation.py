@@ -255,23 +255,25 @@ def steady(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
     step = compiled_step(model)
     checked = False
 
-    def call(tokens: torch.Tensor, *args: Any) -> torch.Tensor:
+    # decode_step's arguments; the cache is a static or slot cache (a fixed max_length).
+    def call(tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any, slot: Any):
         nonlocal checked
+        args = (tokens, position, mask, cache, slot)
         if not checked:
             checked = True
-            batch, positions = tokens.shape[0], args[2].max_length
+            batch, positions = tokens.shape[0], cache.max_length
             # What dynamo's guards look at: another instance of the same model shares the graph.
             key = (repr(model.config), model.dtype, model.device, batch, positions)
             if key in _compiled:
-                return step(tokens, *args)
+                return step(*args)
             logger.info("compiling the decode step for batch %d, %d cache positions (once)", batch, positions)
             start = time.perf_counter()
-            out = step(tokens, *args)
+            out = step(*args)
             _compiled.add(key)
             logger.info("compiled in %.1f s", time.perf_counter() - start)
             return out
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return step(tokens, *args)
+            return step(*args)
 
     return call
 
