@@ -25,7 +25,7 @@ import torch
 
 from glm4 import hugepages
 from glm4.cache import KVCache, kv_layout
-from glm4.generation import pack_for, prefill, should_compile, steady, step_mask
+from glm4.generation import decode_step_for, pack_for, prefill, step_mask
 from glm4.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger("glm4")
@@ -167,11 +167,8 @@ class Engine:
         self.tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
         self.write_at = torch.zeros(max_batch_size, dtype=torch.long, device=device)
-        if compile is None:
-            compile = should_compile(model, 64)
-        self.compiled = compile
-        self.step_fn = steady(model) if compile else model.decode_step
         pack_for(model, max_batch_size, pack)
+        self.step_fn, self.compiled = decode_step_for(model, max_batch_size, compile, 64)
         self.active: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
         self.ids = itertools.count(1)

@@ -16,6 +16,7 @@ import torch
 
 from glm4 import kernels
 from glm4.cache import DynamicCache, KVCache, StaticCache
+from glm4.fused import fused_step
 from glm4.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger("glm4")
@@ -81,11 +82,8 @@ def stream_tokens(
         kv = StaticCache.for_model(model, B, _bucket(T + max_new_tokens))
     else:
         kv = DynamicCache()
-    if compile is None:
-        compile = cache == "static" and should_compile(model, max_new_tokens)
-    compiled = compile and cache == "static"
-    step = steady(model) if compiled else model.decode_step
     pack_for(model, B, pack)
+    step, compiled = decode_step_for(model, B, compile if cache == "static" else False, max_new_tokens)
 
     seen = input_ids if params.repetition_penalty != 1.0 else None
     counts = None
@@ -174,6 +172,21 @@ def _bucket(length: int, smallest: int = 512) -> int:
     """Round cache sizes up to a power of two: the compiled step's shapes are fixed, so a growing
     chat recompiles only when its length doubles, not every few hundred tokens."""
     return max(smallest, 1 << (length - 1).bit_length())
+
+
+def decode_step_for(
+    model: torch.nn.Module, batch_size: int, compile: bool | None, max_new_tokens: int
+) -> tuple[Callable[..., torch.Tensor], bool]:
+    """The decode step a generation of `batch_size` rows runs on a static (or slot) cache, called as
+    `model.decode_step`, and whether it is the compiled graph. `compile` None: the fastest that
+    applies (the fused CPU step, else the compiled graph where it pays for its compile time, else
+    the module); True: the compiled graph; False: the module as it is."""
+    if compile is None:
+        step = fused_step(model, batch_size)
+        if step is not None:
+            return step, False
+        compile = should_compile(model, max_new_tokens)
+    return (steady(model), True) if compile else (model.decode_step, False)
 
 
 def should_compile(model: torch.nn.Module, max_new_tokens: int) -> bool:

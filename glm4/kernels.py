@@ -38,11 +38,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-OPS = ("decode_attention", "int4_linear", "bf16_linear")
+OPS = ("decode_attention", "int4_linear", "bf16_linear", "decode_step")
 SOURCES = [Path(__file__).with_name("csrc") / f"{op}.cpp" for op in OPS]
 HEAD_DIMS = (64, 128, 256)
 # Smaller weights (a toy model's) spend more in the call than in the product: not worth the build.
 BF16_LINEAR_MIN_WEIGHT = 1 << 18
+ARGMAX_MIN_VOCAB = 1 << 14
 
 
 def cache_dir() -> Path:
@@ -168,6 +169,12 @@ _ops = torch.library.Library("glm4", "FRAGMENT")
 _ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
 _ops.define("int4_linear(Tensor x, Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor")
 _ops.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
+_ops.define(
+    "decode_step(Tensor tokens, Tensor positions, Tensor mask, Tensor cache_position, Tensor[] weights, "
+    "Tensor(a!)[] keys, Tensor(b!)[] values, Tensor inv_freq, float rope_scale, float eps, float scale) "
+    "-> Tensor"
+)
+_ops.define("argmax(Tensor logits) -> Tensor")
 
 
 def decode_attention(
@@ -188,6 +195,44 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.T
     """x (..., K) with one row, times the int4 weight of `quantization.Int4Linear` (without bias):
     weight (N, K/2) bytes, scales_and_zeros (N, K/group_size, 2). Check `can_int4` first."""
     return torch.ops.glm4.int4_linear(x, weight, scales_and_zeros, group_size)
+
+
+def decode_step(
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    cache_position: torch.Tensor,
+    weights: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    inv_freq: torch.Tensor,
+    rope_scale: float,
+    eps: float,
+    scale: float,
+) -> torch.Tensor:
+    """A bf16 Glm4ForCausalLM's whole decode step in one call: float logits (B, vocab), the cache
+    written at `cache_position`. `glm4.fused` builds the arguments and says when it applies."""
+    return torch.ops.glm4.decode_step(
+        tokens, positions, mask, cache_position, weights, keys, values, inv_freq, rope_scale, eps, scale
+    )
+
+
+def can_argmax(logits: torch.Tensor) -> bool:
+    """Whether `argmax` runs these logits: float32 (B, V) on the CPU with V of at least
+    ARGMAX_MIN_VOCAB (a real vocabulary; a toy one is not worth the kernel build)."""
+    return (
+        logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and logits.dim() == 2
+        and logits.shape[-1] >= ARGMAX_MIN_VOCAB
+        and available("decode_step")
+    )
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, -1) for float32 (B, V) logits (the first of equal values, the first NaN
+    if any), about ten times faster for one row of a real vocabulary. Check `can_argmax` first."""
+    return torch.ops.glm4.argmax(logits)
 
 
 @torch.library.register_fake("glm4::decode_attention")

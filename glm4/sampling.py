@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from glm4 import kernels
+
 NEG_INF = float("-inf")
 
 
@@ -99,7 +101,7 @@ def sample_next(
     if counts is not None:
         logits = presence_frequency_penalty(logits, counts, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
-        return logits.argmax(-1)
+        return kernels.argmax(logits) if kernels.can_argmax(logits) else logits.argmax(-1)
     logits = logits / params.temperature
     logits = min_p(top_p(top_k(logits, params.top_k), params.top_p), params.min_p)
     probs = logits.softmax(-1)

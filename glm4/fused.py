@@ -1,0 +1,109 @@
+"""The fused CPU decode step: a bf16 model's whole decode step in one C++ call (`kernels.decode_step`).
+
+At batch 1 a decode step streams every weight once. Run as a torch.compile'd graph, the same step
+spends about 2 ms of its 13 (bench model, 60 GB/s) outside the matmuls: dynamo's entry, the
+wrapper's calls to some 200 kernels, a parallel region for every small fused op. The C++ step
+runs the same matmul and attention kernels with nothing between them but a few vectorised loops on
+the calling thread, and it needs no compiling: its first token comes as fast as its hundredth.
+
+`fused_step(model, batch_size)` says whether it applies and returns the step, with the weights
+gathered once (call it again after changing the model's modules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from glm4 import kernels
+
+# Rows of a step: the matmul kernel's one pass takes up to 8; with packed weights oneDNN is faster
+# from 5 rows on (see modeling.KERNEL_ROWS_PACKED), and the compiled step uses it.
+MAX_ROWS, MAX_ROWS_PACKED = 8, 4
+
+
+def _layer_weights(layer: torch.nn.Module, empty: torch.Tensor) -> list[torch.Tensor]:
+    """The 13 tensors decode_step.cpp reads per layer, in its order; `empty` for a missing bias."""
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def bias(linear: torch.nn.Module) -> torch.Tensor:
+        return linear.bias if linear.bias is not None else empty
+
+    return [
+        layer.input_layernorm.weight,
+        attn.q_proj.weight,
+        bias(attn.q_proj),
+        attn.k_proj.weight,
+        bias(attn.k_proj),
+        attn.v_proj.weight,
+        bias(attn.v_proj),
+        attn.o_proj.weight,
+        layer.post_self_attn_layernorm.weight,
+        layer.post_attention_layernorm.weight,
+        mlp.gate_up_proj.weight,
+        mlp.down_proj.weight,
+        layer.post_mlp_layernorm.weight,
+    ]
+
+
+def _projections(model: torch.nn.Module) -> list[torch.nn.Module]:
+    projections = [model.lm_head]
+    for layer in model.base_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+    return projections
+
+
+def applies(model: torch.nn.Module, batch_size: int) -> bool:
+    """Whether `fused_step` runs this model at this batch size: a bf16 causal LM on the CPU in
+    inference, every projection a plain bf16 Linear (not quantized, not sharded for tensor
+    parallel), a head dim the attention kernel has, rope frequencies that do not change with the
+    length, large enough that the kernel build pays (as `kernels.can_bf16_linear`), and the kernels
+    built for this CPU."""
+    from glm4 import parallel
+    from glm4.modeling import Linear
+
+    if not hasattr(model, "lm_head") or model.training or parallel.is_tensor_parallel():
+        return False
+    config, projections = model.config, _projections(model)
+    packed = any(getattr(m, "packed", None) is not None for m in projections)
+    return (
+        1 <= batch_size <= (MAX_ROWS_PACKED if packed else MAX_ROWS)
+        and model.device.type == "cpu"
+        and config.rope_type != "dynamic"
+        and config.head_dim in kernels.HEAD_DIMS
+        and all(type(m) is Linear for m in projections)
+        and all(p.dtype == torch.bfloat16 and p.is_contiguous() for p in model.parameters())
+        and model.lm_head.weight.numel() >= kernels.BF16_LINEAR_MIN_WEIGHT
+        and kernels.available("bf16_linear")
+        and kernels.available("decode_step")
+    )
+
+
+def fused_step(model: torch.nn.Module, batch_size: int) -> Callable[..., torch.Tensor] | None:
+    """The fused step for `model` at `batch_size`, called as `model.decode_step` (tokens (B, 1),
+    positions (B, 1), mask (B, 1, 1, S), a static or slot cache, cache_position): float logits
+    (B, vocab). None where it does not apply (see `applies`)."""
+    if not applies(model, batch_size):
+        return None
+    base = model.base_model
+    empty = torch.empty(0, dtype=torch.bfloat16)
+    weights = [base.embed_tokens.weight]
+    for layer in base.layers:
+        weights += _layer_weights(layer, empty)
+    weights += [base.norm.weight, model.lm_head.weight]
+    rotary = base.rotary_emb
+    rope = (rotary.inv_freq.float().contiguous(), float(rotary.attention_scaling))
+    scales = (
+        float(model.config.rms_norm_eps),
+        float(base.layers[0].self_attn.scaling),
+    )  # norms', attention's
+
+    def step(tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any, cache_position):
+        return kernels.decode_step(
+            tokens, position, mask, cache_position, weights, cache.keys, cache.values, *rope, *scales
+        )
+
+    return step
