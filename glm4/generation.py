@@ -62,9 +62,11 @@ def stream_tokens(
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     config = model.config
     device = input_ids.device
-    eos = torch.tensor(eos_token_id if eos_token_id is not None else config.eos_token_ids, device=device)
+    eos = eos_token_id if eos_token_id is not None else config.eos_token_ids
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    stop_ids = set(eos)
     if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else int(eos[0])
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos[0]
     B, T = input_ids.shape
     limit = config.max_context
     if limit is not None:
@@ -89,7 +91,7 @@ def stream_tokens(
     counts = None
     if params.presence_penalty or params.frequency_penalty:
         counts = torch.zeros(B, config.vocab_size, device=device)
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    unfinished = [True] * B
     generated: list[list[int]] = [[] for _ in range(B)]
     with torch.inference_mode():
         logits = prefill(model, input_ids, attention_mask, positions, kv, prefill_chunk)
@@ -100,17 +102,23 @@ def stream_tokens(
         position = positions[:, -1:]
         for i in range(max_new_tokens):
             token = sample_next(logits, params, seen, counts, generator)
-            token = torch.where(unfinished, token, pad_token_id)
+            if not all(unfinished):
+                token = torch.where(torch.tensor(unfinished, device=device), token, pad_token_id)
             yield token
             if counts is not None:
-                counts.scatter_add_(-1, token[:, None], unfinished[:, None].float())
-            unfinished &= ~torch.isin(token, eos)
-            if stop_check is not None:
-                for row in range(B):
-                    generated[row].append(int(token[row]))
-                    if unfinished[row] and stop_check(row, generated[row]):
-                        unfinished[row] = False
-            if not unfinished.any() or i == max_new_tokens - 1:
+                live = torch.tensor(unfinished, device=device, dtype=torch.float)
+                counts.scatter_add_(-1, token[:, None], live[:, None])
+            # The bookkeeping on Python ints: after a step has streamed the weights through the
+            # caches, every small tensor op here costs tens of microseconds.
+            for row, t in enumerate(token.tolist()):
+                if not unfinished[row]:
+                    continue
+                if t in stop_ids:
+                    unfinished[row] = False
+                elif stop_check is not None:
+                    generated[row].append(t)
+                    unfinished[row] = not stop_check(row, generated[row])
+            if not any(unfinished) or i == max_new_tokens - 1:
                 return
             if seen is not None:
                 seen = torch.cat([seen, token[:, None]], dim=-1)
