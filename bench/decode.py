@@ -247,11 +247,14 @@ def main() -> None:
                     f"top-1 agrees {top1:.0%}")  # fmt: skip
 
         # Batch 1: decode rate and roofline fraction, every variant in turn, round after round. The
-        # eager row is the path of generations too short to pay for compiling (and of compile=False).
-        for model in models.values():
-            glm4_decode(model, prompt, args.new_tokens, device)  # warm up (and compile) the same path
+        # default paths (bf16: the fused CPU step, or the compiled graph on CUDA; int8/int4: the
+        # compiled graph), then bf16's other two: the compiled graph and the module as it is
+        # (compile=False).
         variants = {name: (model, None) for name, model in models.items()}
+        variants["glm4 bf16 compiled"] = (models["glm4 bf16"], True)
         variants["glm4 bf16 eager"] = (models["glm4 bf16"], False)
+        for model, compile in variants.values():  # warm up (and compile) each path
+            glm4_stretches(model, prompt, args.new_tokens, meter, compile)
         names = [*variants, *(["transformers bf16"] if hf is not None else [])]
         timings: dict[str, list[Stretches]] = {name: [] for name in names}
         for _ in range(args.rounds):

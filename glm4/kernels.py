@@ -10,6 +10,9 @@
 - `bf16_linear` (csrc/bf16_linear.cpp): up to 8 rows of bf16 times a plain bf16 weight in one
   pass over it, for eager and batched decoding, where oneDNN needs a packed copy of the weight
   and still runs 1.2-1.6x slower at 1 to 4 rows.
+- `decode_step` (csrc/decode_step.cpp): a bf16 Glm4ForCausalLM's whole decode step in one call,
+  over the attention and bf16 matmul kernels (see glm4/fused.py); and `argmax`, the greedy pick
+  from float logits.
 
 All are registered as torch ops (declared here, their CPU kernels registered by the library), so
 a compiled step calls C++ directly: the same kernel called from Python through ctypes spent 20-30 us
@@ -18,8 +21,9 @@ torch's headers into a cache folder ($GLM4_KERNEL_CACHE, or ~/.cache/glm4/kernel
 that hashes the sources, the command, torch's version and this CPU's flags, so that a home folder
 shared between machines never hands one a binary built for another. Where it cannot be built (no
 compiler, not Linux on x86-64), where the CPU lacks the instructions (AVX-512F; for the two
-linears also AVX-512BW and BF16), or with GLM4_CPU_KERNELS=0, `available(op)` says False and the
-model keeps its float path, torch's kernel or oneDNN.
+linears also AVX-512BW and BF16; for decode_step and argmax AVX-512BW, VL and BF16), or with
+GLM4_CPU_KERNELS=0, `available(op)` says False and the model keeps its float path, torch's kernel
+or oneDNN.
 """
 
 from __future__ import annotations
