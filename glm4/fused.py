@@ -1,4 +1,5 @@
-"""The fused CPU decode step: a bf16 model's whole decode step in one C++ call (`kernels.decode_step`).
+"""The fused CPU decode step: a bf16 (or int8) model's whole decode step in one C++ call
+(`kernels.decode_step`).
 
 At batch 1 a decode step streams every weight once. Run as a torch.compile'd graph, the same step
 spends about 2 ms of its 13 (bench model, 60 GB/s) outside the matmuls: dynamo's entry, the
@@ -24,28 +25,27 @@ from glm4 import kernels
 MAX_ROWS, MAX_ROWS_PACKED = 8, 4
 
 
+def _projection(linear: torch.nn.Module, empty: torch.Tensor) -> list[torch.Tensor]:
+    """A projection's three tensors in decode_step.cpp: the weight (bf16, or int8), its scales
+    (int8) and its bias, `empty` for those it has not."""
+    scales = getattr(linear, "scales", None)
+    bias = linear.bias if linear.bias is not None else empty
+    return [linear.weight, scales if scales is not None else empty, bias]
+
+
 def _layer_weights(layer: torch.nn.Module, empty: torch.Tensor) -> list[torch.Tensor]:
-    """The 13 tensors decode_step.cpp reads per layer, in its order; `empty` for a missing bias."""
+    """The tensors decode_step.cpp reads per layer, in its order: the four norms, then q, k, v, o,
+    gate_up and down (three each, see `_projection`)."""
     attn, mlp = layer.self_attn, layer.mlp
-
-    def bias(linear: torch.nn.Module) -> torch.Tensor:
-        return linear.bias if linear.bias is not None else empty
-
-    return [
+    weights = [
         layer.input_layernorm.weight,
-        attn.q_proj.weight,
-        bias(attn.q_proj),
-        attn.k_proj.weight,
-        bias(attn.k_proj),
-        attn.v_proj.weight,
-        bias(attn.v_proj),
-        attn.o_proj.weight,
         layer.post_self_attn_layernorm.weight,
         layer.post_attention_layernorm.weight,
-        mlp.gate_up_proj.weight,
-        mlp.down_proj.weight,
         layer.post_mlp_layernorm.weight,
     ]
+    for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+        weights += _projection(linear, empty)
+    return weights
 
 
 def _projections(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -58,12 +58,13 @@ def _projections(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def applies(model: torch.nn.Module, batch_size: int) -> bool:
     """Whether `fused_step` runs this model at this batch size: a bf16 causal LM on the CPU in
-    inference, every projection a plain bf16 Linear (not quantized, not sharded for tensor
+    inference, every projection a plain bf16 Linear or an int8 one (not int4, not sharded for tensor
     parallel), a head dim the attention kernel has, rope frequencies that do not change with the
     length, large enough that the kernel build pays (as `kernels.can_bf16_linear`), and the kernels
     built for this CPU."""
     from glm4 import parallel
     from glm4.modeling import Linear
+    from glm4.quantization import Int8Linear
 
     if not hasattr(model, "lm_head") or model.training or parallel.is_tensor_parallel():
         return False
@@ -74,7 +75,8 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
         and model.device.type == "cpu"
         and config.rope_type != "dynamic"
         and config.head_dim in kernels.HEAD_DIMS
-        and all(type(m) is Linear for m in projections)
+        and all(type(m) in (Linear, Int8Linear) for m in projections)
+        and all(t.is_contiguous() for m in projections for t in _projection(m, m.weight))
         and all(p.dtype == torch.bfloat16 and p.is_contiguous() for p in model.parameters())
         and model.lm_head.weight.numel() >= kernels.BF16_LINEAR_MIN_WEIGHT
         and kernels.available("bf16_linear")
@@ -93,7 +95,7 @@ def fused_step(model: torch.nn.Module, batch_size: int) -> Callable[..., torch.T
     weights = [base.embed_tokens.weight]
     for layer in base.layers:
         weights += _layer_weights(layer, empty)
-    weights += [base.norm.weight, model.lm_head.weight]
+    weights += [base.norm.weight, *_projection(model.lm_head, empty)]
     rotary = base.rotary_emb
     rope = (rotary.inv_freq.float().contiguous(), float(rotary.attention_scaling))
     scales = (

@@ -53,7 +53,7 @@ class Int8Linear(nn.Module):
         if _compiled_single_row(x):
             y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1) * self.scales.float()
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        elif x.device.type == "cpu":
+        elif x.device.type == "cpu" and self.in_features % 16 == 0:  # torch's kernel crashes on other widths
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales.to(x.dtype)
             ).view(*x.shape[:-1], self.out_features)

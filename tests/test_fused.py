@@ -12,6 +12,7 @@ from glm4 import fused, kernels
 from glm4.cache import StaticCache
 from glm4.engine import Engine, Finished, SlotCache
 from glm4.generation import stream_tokens
+from glm4.quantization import quantize
 from glm4.sampling import SamplingParams, sample_next
 
 needs_fused = pytest.mark.skipif(
@@ -34,8 +35,9 @@ ODD = dict(SHAPE, vocab_size=2049, hidden_size=144, head_dim=128, num_attention_
            num_key_value_heads=1, attention_bias=False, rope_parameters=YARN)  # fmt: skip
 
 
-def model_of(shape: dict, seed: int = 0) -> torch.nn.Module:
-    return tiny_lm(seed=seed, **shape).bfloat16()
+def model_of(shape: dict, seed: int = 0, quantization: str | None = None) -> torch.nn.Module:
+    model = tiny_lm(seed=seed, **shape).bfloat16()
+    return quantize(model, quantization) if quantization else model
 
 
 def fused_calls(prof) -> int:
@@ -43,12 +45,14 @@ def fused_calls(prof) -> int:
 
 
 @needs_fused
+@pytest.mark.parametrize("quantization", [None, "int8"])
 @pytest.mark.parametrize("shape", [SHAPE, ODD], ids=["shape", "odd"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_one_step_equals_the_module_step(shape, batch):
+def test_one_step_equals_the_module_step(shape, batch, quantization):
     """Logits within bf16 rounding of the module's step, the same keys and values (within rounding)
-    written to the same slot, nothing else in the cache touched; left-padded rows."""
-    model = model_of(shape)
+    written to the same slot, nothing else in the cache touched; left-padded rows; bf16 and int8
+    weights."""
+    model = model_of(shape, quantization=quantization)
     ids = random_ids(batch, 9, vocab=shape["vocab_size"], seed=batch)
     attention_mask = torch.ones_like(ids)
     attention_mask[1:, :3] = 0  # rows after the first are left-padded
@@ -96,11 +100,11 @@ def assert_greedy_continuation(model, ids, attention_mask, tokens) -> None:
 
 
 @needs_fused
-@pytest.mark.parametrize("batch", [1, 2])
-def test_generate_takes_the_fused_step_by_default(batch):
+@pytest.mark.parametrize("batch,quantization", [(1, None), (2, None), (2, "int8")])
+def test_generate_takes_the_fused_step_by_default(batch, quantization):
     """generate's default (compile=None) runs every decode step as one fused call, greedy per the
     module's logits at every step, left padding included; compile=False is the module's step."""
-    model = model_of(SHAPE, seed=1)
+    model = model_of(SHAPE, seed=1, quantization=quantization)
     ids = random_ids(batch, 6, vocab=2048, seed=3)
     attention_mask = torch.ones_like(ids)
     attention_mask[1:, :2] = 0
@@ -172,9 +176,8 @@ def test_where_it_applies(monkeypatch):
         model.pack_weights()  # oneDNN's packed copy: the compiled step takes 5+ rows
         assert fused.applies(model, 4) and not fused.applies(model, 5)
         model.unpack_weights()
-    from glm4.quantization import quantize
-
-    assert not fused.applies(quantize(model_of(SHAPE), "int8"), 1)
+    assert fused.applies(model_of(SHAPE, quantization="int8"), 8)
+    assert not fused.applies(model_of(dict(SHAPE, intermediate_size=256), quantization="int4"), 1)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not fused.applies(model, 1)  # tensor parallel: its all-reduces are in the modules
     monkeypatch.delenv("WORLD_SIZE")

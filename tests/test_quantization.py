@@ -29,6 +29,18 @@ def test_kernel_equals_dequantized_weights(cls):
     assert err <= (1 / 254 if cls is Int8Linear else 1 / 15) + 2**-8
 
 
+@pytest.mark.parametrize("width", [200, 72])
+def test_int8_layers_of_any_width(width):
+    """torch's CPU int8 kernel crashes (SIGSEGV, torch 2.13) on inputs of a width that is not a
+    multiple of 16: such layers take the dequantized matmul."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(width, 96, bias=False).to(torch.bfloat16)
+    q = Int8Linear.from_linear(linear)
+    x = torch.randn(5, width, dtype=torch.bfloat16)
+    ref = torch.nn.functional.linear(x.float(), q.dequantize())
+    assert (q(x).float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
 @pytest.mark.parametrize("method,tolerance", [("int8", 0.05), ("int4", 0.3)])
 def test_logit_error_against_bf16(method, tolerance):
     """Measured on this tiny model: int8 max |diff| ~1% and int4 ~10% of the logit range."""

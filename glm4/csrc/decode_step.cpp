@@ -1,18 +1,20 @@
-// A whole decode step of a bf16 Glm4ForCausalLM on the CPU in one call: embedding, every layer
-// (norms, q/k/v with bias, the partial interleaved rope, the cache write, attention, o, the MLP,
-// the sandwich norms and residuals), the final norm and the lm_head, for 1 to 8 rows.
+// A whole decode step of a Glm4ForCausalLM on the CPU in one call: embedding, every layer (norms,
+// q/k/v with bias, the partial interleaved rope, the cache write, attention, o, the MLP, the
+// sandwich norms and residuals), the final norm and the lm_head, for 1 to 8 rows; the projections
+// bf16, or int8 with one scale per output row (glm4's weight-only int8).
 //
 // At batch 1 the step streams every weight once, and the compiled graph of the same step spent
 // about 2 ms of its 13 (bench model, 60 GB/s) around the matmuls: dynamo's entry, the wrapper's
-// ~200 calls, a parallel region per small fused op. Here the matmuls are linear.h's (one parallel
-// region each), the attention is attention.h's, and everything else runs on the calling thread
-// over a row of at most a few thousand values, vectorised.
+// ~200 calls, a parallel region per small fused op. Here the bf16 matmuls are linear.h's, the int8
+// ones widen the weights to float32 (exact) for float32 products and sums, with the same tiles
+// (one parallel region each), the attention is attention.h's, and everything else runs on the
+// calling thread over a row of at most a few thousand values, vectorised.
 //
 // The arithmetic is the eager model's, rounding to bf16 wherever it does: after each norm (the
-// normalised row, then its product with the weight), each matmul, bias add, rope product and sum,
-// silu and residual add. Reductions (the norms' sums of squares, the matmuls) add in a different
-// order than the library's, so results agree with the eager path within bf16 rounding, not bit
-// for bit.
+// normalised row, then its product with the weight), each matmul (an int8 one after its scale),
+// bias add, rope product and sum, silu and residual add. Reductions (the norms' sums of squares,
+// the matmuls) add in a different order than the library's, so results agree with the eager path
+// within bf16 rounding, not bit for bit.
 //
 // Needs what linear.h needs (AVX-512BW and BF16) and AVX-512VL; built without them it only says
 // so (glm4_decode_step_supported() returns 0).
@@ -37,7 +39,12 @@ namespace {
 
 #ifdef GLM4_DECODE_STEP_KERNEL
 
-constexpr int PER_LAYER = 13;  // weights per layer in the list decode_step takes (see glm4/fused.py)
+// The weights list decode_step takes (glm4/fused.py builds it): the embedding; per layer its four
+// norms (input, post-attention-output, pre-MLP, post-MLP) and six projections (q, k, v, o, gate_up,
+// down) of three tensors each: the weight (bf16, or int8 with one scale per row), the scales (or
+// empty) and the bias (or empty); then the final norm and the lm_head's three.
+constexpr int NORMS = 4, PROJECTIONS = 6, PER_PROJECTION = 3;
+constexpr int PER_LAYER = NORMS + PROJECTIONS * PER_PROJECTION;
 
 inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
@@ -102,38 +109,136 @@ void rope(uint16_t *x, int64_t heads, int64_t D, int64_t R, const float *cos, co
         }
 }
 
-struct Layer {
-    const uint16_t *input_norm, *q, *q_bias, *k, *k_bias, *v, *v_bias, *o, *post_attn_norm, *pre_mlp_norm,
-        *gate_up, *down, *post_mlp_norm;
-};
-
 const uint16_t *bits(const at::Tensor &t) {
     return t.numel() ? reinterpret_cast<const uint16_t *>(t.const_data_ptr()) : nullptr;
+}
+
+// y[m, r[j]] = bf16(scale[r[j]] * x[m] . w[r[j]]) for M <= 4 rows of float x and NB int8 weight
+// rows: the weights widened to float32 (exact), products and sums in float32.
+template <int M, int NB>
+inline void int8_tile(const float *x, const int8_t *const *w, const uint16_t *scales, uint16_t *y, int64_t K,
+                      int64_t N, const int64_t *r) {
+    __m512 a[16];  // (m, j, half of 32 columns)
+    for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32)
+        for (int j = 0; j < NB; j++) {
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w[j] + k))));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w[j] + k + 16))));
+            for (int m = 0; m < M; m++) {
+                a[(m * NB + j) * 2] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), a[(m * NB + j) * 2]);
+                a[(m * NB + j) * 2 + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), a[(m * NB + j) * 2 + 1]);
+            }
+        }
+    for (; k < K; k += 16) {  // the last K % 32 columns
+        __mmask16 tail = first(K - k);
+        for (int j = 0; j < NB; j++) {
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, w[j] + k)));
+            for (int m = 0; m < M; m++)
+                a[(m * NB + j) * 2] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + m * K + k), a[(m * NB + j) * 2]);
+        }
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, reduce16(a));
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < NB; j++)
+            y[m * N + r[j]] = float_to_bf16((sums[(m * NB + j) * 2] + sums[(m * NB + j) * 2 + 1]) * bf16_to_float(scales[r[j]]));
+}
+
+template <int NB>
+void int8_rows_times(const float *x, const int8_t *w, const uint16_t *scales, uint16_t *y, int64_t M, int64_t K,
+                     int64_t N, const int64_t *r) {
+    const int8_t *wr[NB];
+    for (int j = 0; j < NB; j++) wr[j] = w + r[j] * K;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // passes of 4 rows; the tile's weights stay in L1 between them
+        const float *xm = x + m0 * K;
+        uint16_t *ym = y + m0 * N;
+        switch (std::min<int64_t>(M - m0, 4)) {
+            case 1: int8_tile<1, NB>(xm, wr, scales, ym, K, N, r); break;
+            case 2: int8_tile<2, NB>(xm, wr, scales, ym, K, N, r); break;
+            case 3: int8_tile<3, NB>(xm, wr, scales, ym, K, N, r); break;
+            default: int8_tile<4, NB>(xm, wr, scales, ym, K, N, r); break;
+        }
+    }
+}
+
+// y (M, N) = x (M, K) @ (w * scales)^T for an int8 w (N, K), scales (N) bf16; tiles of two rows half
+// the matrix apart, as linear_rows.
+void int8_linear_rows(const uint16_t *x, const int8_t *w, const uint16_t *scales, uint16_t *y, int64_t M,
+                      int64_t K, int64_t N) {
+    std::vector<float> xf(M * K);
+    for (int64_t i = 0; i < M * K; i += 16) {
+        __mmask16 m = first(M * K - i);
+        _mm512_mask_storeu_ps(&xf[i], m, load(x + i, m));
+    }
+    const int64_t half = (N + 1) / 2;
+    at::parallel_for(0, half, 16, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t r[2] = {t, t + half};
+            if (r[1] < N)
+                int8_rows_times<2>(xf.data(), w, scales, y, M, K, N, r);
+            else
+                int8_rows_times<1>(xf.data(), w, scales, y, M, K, N, r);
+        }
+    });
+}
+
+// One projection of the weights list: y = x W^T (+ bias), W bf16 or int8 with per-row scales.
+struct Projection {
+    const void *weight = nullptr;
+    const uint16_t *scales = nullptr, *bias = nullptr;
+    int64_t N = 0, K = 0;
+
+    void operator()(const uint16_t *x, uint16_t *y, int64_t M) const {
+        if (scales)
+            int8_linear_rows(x, static_cast<const int8_t *>(weight), scales, y, M, K, N);
+        else
+            linear_rows(x, static_cast<const uint16_t *>(weight), y, M, K, N);
+        if (bias)
+            for (int64_t m = 0; m < M; m++) add_bias(y + m * N, bias, N);
+    }
+};
+
+// The projection at t[0..2] (weight, scales, bias), checked against the shape (N, K) it must have.
+Projection projection(const at::Tensor *t, int64_t N, int64_t K, const char *name) {
+    const at::Tensor &w = t[0], &s = t[1], &b = t[2];
+    const bool int8 = w.scalar_type() == at::kChar;
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous() &&
+                    (int8 || w.scalar_type() == at::kBFloat16),
+                "glm4::decode_step: ", name, " must be a contiguous bf16 or int8 (", N, ", ", K, ") weight");
+    TORCH_CHECK(int8 ? s.numel() == N : s.numel() == 0, "glm4::decode_step: ", name,
+                ": int8 weights take one scale per row, bf16 weights none");
+    TORCH_CHECK(b.numel() == 0 || b.numel() == N, "glm4::decode_step: ", name, ": a bias of ", N, " or none");
+    return Projection{w.const_data_ptr(), int8 ? bits(s) : nullptr, bits(b), N, K};
 }
 
 #endif  // GLM4_DECODE_STEP_KERNEL
 
 // tokens, positions (B, 1) int64; mask (B, 1, 1, S) bool, the keys each row attends over (the first
 // S cache slots); cache_position (1) or (B) int64, the slot each row's key and value go to;
-// weights: the embedding, 13 per layer (see glm4/fused.py), the final norm and the lm_head; keys and
-// values: the cache, (B, H_kv, max_length, D) per layer, written in place; inv_freq (R / 2) float32
-// and rope_scale: the rotary frequencies and cos/sin factor. Returns float32 logits (B, vocab).
+// weights: as PER_LAYER above; keys and values: the cache, (B, H_kv, max_length, D) per layer,
+// written in place; inv_freq (R / 2) float32 and rope_scale: the rotary frequencies and cos/sin
+// factor. Returns float32 logits (B, vocab).
 at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, const at::Tensor &mask,
                        const at::Tensor &cache_position, at::TensorList weights, at::TensorList keys,
                        at::TensorList values, const at::Tensor &inv_freq, double rope_scale, double eps,
                        double scale) {
 #ifdef GLM4_DECODE_STEP_KERNEL
     const int64_t layers = keys.size();
-    TORCH_CHECK(layers > 0 && (int64_t)values.size() == layers && (int64_t)weights.size() == 3 + PER_LAYER * layers,
+    TORCH_CHECK(layers > 0 && (int64_t)values.size() == layers &&
+                    (int64_t)weights.size() == 2 + PER_LAYER * layers + PER_PROJECTION,
                 "glm4::decode_step: ", weights.size(), " weights and ", keys.size(), " cache layers do not match");
     for (const auto &w : weights)
-        TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.device().is_cpu(),
-                    "glm4::decode_step takes contiguous bf16 CPU weights");
-    const at::Tensor &embed = weights[0], &lm_head = weights[weights.size() - 1];
-    const int64_t B = tokens.size(0), hidden = embed.size(1), vocab = lm_head.size(0);
+        TORCH_CHECK(w.is_contiguous() && w.device().is_cpu() &&
+                        (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kChar),
+                    "glm4::decode_step takes contiguous bf16 (or int8) CPU weights");
+    const at::Tensor &embed = weights[0], &final_norm = weights[1 + PER_LAYER * layers];
+    const at::Tensor *lm_head = &weights[2 + PER_LAYER * layers];
+    TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == at::kBFloat16, "glm4::decode_step: a bf16 embedding");
+    const int64_t B = tokens.size(0), hidden = embed.size(1), vocab = lm_head[0].size(0);
     const int64_t Hkv = keys[0].size(1), max_length = keys[0].size(2), D = keys[0].size(3);
-    const int64_t q_width = weights[2].size(0), kv_width = Hkv * D, Hq = q_width / D, G = Hq / Hkv;
-    const int64_t inter = weights[12].size(1), R = 2 * inv_freq.numel(), S = mask.size(-1);
+    const int64_t q_width = weights[1 + NORMS].size(0), kv_width = Hkv * D, Hq = q_width / D, G = Hq / Hkv;
+    const int64_t inter = weights[1 + NORMS + 5 * PER_PROJECTION].size(1), R = 2 * inv_freq.numel(), S = mask.size(-1);
     TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1 && positions.sizes() == tokens.sizes() &&
                     tokens.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
                 "glm4::decode_step takes tokens and positions (B, 1) int64");
@@ -147,22 +252,33 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
                 "glm4::decode_step takes a (B, 1, 1, S) bool mask over the first S <= max_length slots");
     TORCH_CHECK(cache_position.scalar_type() == at::kLong && (cache_position.numel() == 1 || cache_position.numel() == B),
                 "glm4::decode_step: cache_position holds one slot, or one per row");
+
+    struct Layer {
+        const uint16_t *norm[NORMS];  // input, post-attention-output, pre-MLP, post-MLP
+        Projection q, k, v, o, gate_up, down;
+    };
+    std::vector<Layer> net(layers);
     for (int64_t l = 0; l < layers; l++) {
-        const at::Tensor &k = keys[l], &v = values[l];
-        TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.is_contiguous() &&
-                        v.is_contiguous() && k.sizes() == v.sizes() && k.sizes() == keys[0].sizes() && k.size(0) == B,
+        const at::Tensor &kc = keys[l], &vc = values[l];
+        TORCH_CHECK(kc.scalar_type() == at::kBFloat16 && vc.scalar_type() == at::kBFloat16 && kc.is_contiguous() &&
+                        vc.is_contiguous() && kc.sizes() == vc.sizes() && kc.sizes() == keys[0].sizes() && kc.size(0) == B,
                     "glm4::decode_step takes contiguous bf16 caches (B, H_kv, max_length, D)");
-        const at::Tensor *w = &weights[1 + l * PER_LAYER];
-        TORCH_CHECK(w[1].sizes() == at::IntArrayRef({q_width, hidden}) && w[3].sizes() == at::IntArrayRef({kv_width, hidden}) &&
-                        w[5].sizes() == at::IntArrayRef({kv_width, hidden}) && w[7].sizes() == at::IntArrayRef({hidden, q_width}) &&
-                        w[10].sizes() == at::IntArrayRef({2 * inter, hidden}) && w[11].sizes() == at::IntArrayRef({hidden, inter}) &&
-                        (w[2].numel() == 0 || w[2].numel() == q_width) && (w[4].numel() == 0 || w[4].numel() == kv_width) &&
-                        (w[6].numel() == 0 || w[6].numel() == kv_width) && w[0].numel() == hidden && w[8].numel() == hidden &&
-                        w[9].numel() == hidden && w[12].numel() == hidden,
-                    "glm4::decode_step: the weights of layer ", l, " do not have the model's shapes");
+        const at::Tensor *w = &weights[1 + l * PER_LAYER], *p = w + NORMS;
+        for (int i = 0; i < NORMS; i++) {
+            TORCH_CHECK(w[i].numel() == hidden && w[i].scalar_type() == at::kBFloat16,
+                        "glm4::decode_step: the norms of layer ", l, " must be bf16 (", hidden, ")");
+            net[l].norm[i] = bits(w[i]);
+        }
+        net[l].q = projection(p, q_width, hidden, "q_proj");
+        net[l].k = projection(p + PER_PROJECTION, kv_width, hidden, "k_proj");
+        net[l].v = projection(p + 2 * PER_PROJECTION, kv_width, hidden, "v_proj");
+        net[l].o = projection(p + 3 * PER_PROJECTION, hidden, q_width, "o_proj");
+        net[l].gate_up = projection(p + 4 * PER_PROJECTION, 2 * inter, hidden, "gate_up_proj");
+        net[l].down = projection(p + 5 * PER_PROJECTION, hidden, inter, "down_proj");
     }
-    TORCH_CHECK(lm_head.dim() == 2 && lm_head.size(1) == hidden && weights[weights.size() - 2].numel() == hidden,
-                "glm4::decode_step: the final norm or lm_head");
+    TORCH_CHECK(final_norm.numel() == hidden && final_norm.scalar_type() == at::kBFloat16,
+                "glm4::decode_step: the final norm must be bf16 (", hidden, ")");
+    const Projection head = projection(lm_head, vocab, hidden, "lm_head");
 
     const int64_t *tok = tokens.const_data_ptr<int64_t>(), *pos = positions.const_data_ptr<int64_t>();
     const int64_t *slots = cache_position.const_data_ptr<int64_t>();
@@ -194,18 +310,13 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
     const uint8_t *keep = reinterpret_cast<const uint8_t *>(mask.const_data_ptr());
 
     for (int64_t l = 0; l < layers; l++) {
-        const at::Tensor *w = &weights[1 + l * PER_LAYER];
-        Layer L{bits(w[0]), bits(w[1]), bits(w[2]), bits(w[3]), bits(w[4]), bits(w[5]), bits(w[6]),
-                bits(w[7]), bits(w[8]), bits(w[9]), bits(w[10]), bits(w[11]), bits(w[12])};
-        for (int64_t b = 0; b < B; b++) rms_norm(&x[b * hidden], L.input_norm, nullptr, &h[b * hidden], hidden, epsilon);
-        linear_rows(h.data(), L.q, q.data(), B, hidden, q_width);
-        linear_rows(h.data(), L.k, k.data(), B, hidden, kv_width);
-        linear_rows(h.data(), L.v, v.data(), B, hidden, kv_width);
+        const Layer &L = net[l];
+        for (int64_t b = 0; b < B; b++) rms_norm(&x[b * hidden], L.norm[0], nullptr, &h[b * hidden], hidden, epsilon);
+        L.q(h.data(), q.data(), B);
+        L.k(h.data(), k.data(), B);
+        L.v(h.data(), v.data(), B);
         uint16_t *kc = reinterpret_cast<uint16_t *>(keys[l].data_ptr()), *vc = reinterpret_cast<uint16_t *>(values[l].data_ptr());
         for (int64_t b = 0; b < B; b++) {
-            if (L.q_bias) add_bias(&q[b * q_width], L.q_bias, q_width);
-            if (L.k_bias) add_bias(&k[b * kv_width], L.k_bias, kv_width);
-            if (L.v_bias) add_bias(&v[b * kv_width], L.v_bias, kv_width);
             rope(&q[b * q_width], Hq, D, R, &cos[b * (R + 16)], &sin[b * (R + 16)]);
             rope(&k[b * kv_width], Hkv, D, R, &cos[b * (R + 16)], &sin[b * (R + 16)]);
             int64_t slot = slots[cache_position.numel() == 1 ? 0 : b];
@@ -216,20 +327,19 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
         }
         const int64_t strides[3] = {Hkv * max_length * D, max_length * D, D};
         attend(q.data(), kc, vc, keep, attn.data(), B, Hkv, G, D, S, strides, strides, mask.stride(0), (float)scale);
-        linear_rows(attn.data(), L.o, o.data(), B, q_width, hidden);
+        L.o(attn.data(), o.data(), B);
         for (int64_t b = 0; b < B; b++) {
             uint16_t *xb = &x[b * hidden];
-            rms_norm(&o[b * hidden], L.post_attn_norm, xb, xb, hidden, epsilon);
-            rms_norm(xb, L.pre_mlp_norm, nullptr, &h[b * hidden], hidden, epsilon);
+            rms_norm(&o[b * hidden], L.norm[1], xb, xb, hidden, epsilon);
+            rms_norm(xb, L.norm[2], nullptr, &h[b * hidden], hidden, epsilon);
         }
-        linear_rows(h.data(), L.gate_up, gate_up.data(), B, hidden, 2 * inter);
+        L.gate_up(h.data(), gate_up.data(), B);
         for (int64_t b = 0; b < B; b++) silu_mul(&gate_up[b * 2 * inter], &act[b * inter], inter);
-        linear_rows(act.data(), L.down, o.data(), B, inter, hidden);
-        for (int64_t b = 0; b < B; b++) rms_norm(&o[b * hidden], L.post_mlp_norm, &x[b * hidden], &x[b * hidden], hidden, epsilon);
+        L.down(act.data(), o.data(), B);
+        for (int64_t b = 0; b < B; b++) rms_norm(&o[b * hidden], L.norm[3], &x[b * hidden], &x[b * hidden], hidden, epsilon);
     }
-    const uint16_t *final_norm = bits(weights[weights.size() - 2]);
-    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * hidden], final_norm, nullptr, &h[b * hidden], hidden, epsilon);
-    linear_rows(h.data(), bits(lm_head), logits.data(), B, hidden, vocab);
+    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * hidden], bits(final_norm), nullptr, &h[b * hidden], hidden, epsilon);
+    head(h.data(), logits.data(), B);
     at::Tensor out = at::empty({B, vocab}, tokens.options().dtype(at::kFloat));
     float *y = out.mutable_data_ptr<float>();
     for (int64_t i = 0; i < B * vocab; i += 16) {
