@@ -26,9 +26,10 @@ MAX_ROWS, MAX_ROWS_PACKED = 8, 4
 
 
 def _projection(linear: torch.nn.Module, empty: torch.Tensor) -> list[torch.Tensor]:
-    """A projection's three tensors in decode_step.cpp: the weight (bf16, or int8), its scales
-    (int8) and its bias, `empty` for those it has not."""
-    scales = getattr(linear, "scales", None)
+    """A projection's three tensors in decode_step.cpp: the weight (bf16, int8, or int4 two a byte),
+    its scales (int8: per row; int4: scales and zeros per group) and its bias, `empty` for those it
+    has not."""
+    scales = getattr(linear, "scales", getattr(linear, "scales_and_zeros", None))
     bias = linear.bias if linear.bias is not None else empty
     return [linear.weight, scales if scales is not None else empty, bias]
 
@@ -58,29 +59,34 @@ def _projections(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def applies(model: torch.nn.Module, batch_size: int) -> bool:
     """Whether `fused_step` runs this model at this batch size: a bf16 causal LM on the CPU in
-    inference, every projection a plain bf16 Linear or an int8 one (not int4, not sharded for tensor
-    parallel), a head dim the attention kernel has, rope frequencies that do not change with the
+    inference, every projection a plain bf16 Linear, an int8 one, or an int4 one in groups of a
+    multiple of 64 at batch 1 (its kernel reads the weight once per row), none sharded for tensor
+    parallel, a head dim the attention kernel has, rope frequencies that do not change with the
     length, large enough that the kernel build pays (as `kernels.can_bf16_linear`), and the kernels
     built for this CPU."""
     from glm4 import parallel
     from glm4.modeling import Linear
-    from glm4.quantization import Int8Linear
+    from glm4.quantization import Int4Linear, Int8Linear
 
     if not hasattr(model, "lm_head") or model.training or parallel.is_tensor_parallel():
         return False
     config, projections = model.config, _projections(model)
-    packed = any(getattr(m, "packed", None) is not None for m in projections)
+    packed = any(type(m) is Linear and m.packed is not None for m in projections)
+    int4 = [m for m in projections if type(m) is Int4Linear]
+    if int4 and (batch_size != 1 or any(m.group_size % 64 for m in int4)):
+        return False
     return (
         1 <= batch_size <= (MAX_ROWS_PACKED if packed else MAX_ROWS)
         and model.device.type == "cpu"
         and config.rope_type != "dynamic"
         and config.head_dim in kernels.HEAD_DIMS
-        and all(type(m) in (Linear, Int8Linear) for m in projections)
+        and all(type(m) in (Linear, Int8Linear, Int4Linear) for m in projections)
         and all(t.is_contiguous() for m in projections for t in _projection(m, m.weight))
         and all(p.dtype == torch.bfloat16 and p.is_contiguous() for p in model.parameters())
-        and model.lm_head.weight.numel() >= kernels.BF16_LINEAR_MIN_WEIGHT
+        and model.lm_head.in_features * model.lm_head.out_features >= kernels.BF16_LINEAR_MIN_WEIGHT
         and kernels.available("bf16_linear")
         and kernels.available("decode_step")
+        and (not int4 or kernels.available("int4_linear"))
     )
 
 

@@ -35,6 +35,9 @@ ODD = dict(SHAPE, vocab_size=2049, hidden_size=144, head_dim=128, num_attention_
            num_key_value_heads=1, attention_bias=False, rope_parameters=YARN)  # fmt: skip
 
 
+INT4 = dict(SHAPE, intermediate_size=256)  # int4 groups of 64 columns
+
+
 def model_of(shape: dict, seed: int = 0, quantization: str | None = None) -> torch.nn.Module:
     model = tiny_lm(seed=seed, **shape).bfloat16()
     return quantize(model, quantization) if quantization else model
@@ -44,14 +47,16 @@ def fused_calls(prof) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == "glm4::decode_step")
 
 
+CASES = [(SHAPE, 1, None), (SHAPE, 3, None), (ODD, 1, None), (ODD, 3, None), (SHAPE, 1, "int8"),
+         (SHAPE, 3, "int8"), (ODD, 3, "int8"), (INT4, 1, "int4")]  # fmt: skip
+
+
 @needs_fused
-@pytest.mark.parametrize("quantization", [None, "int8"])
-@pytest.mark.parametrize("shape", [SHAPE, ODD], ids=["shape", "odd"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("shape,batch,quantization", CASES)
 def test_one_step_equals_the_module_step(shape, batch, quantization):
     """Logits within bf16 rounding of the module's step, the same keys and values (within rounding)
-    written to the same slot, nothing else in the cache touched; left-padded rows; bf16 and int8
-    weights."""
+    written to the same slot, nothing else in the cache touched; left-padded rows; bf16, int8 and
+    int4 weights."""
     model = model_of(shape, quantization=quantization)
     ids = random_ids(batch, 9, vocab=shape["vocab_size"], seed=batch)
     attention_mask = torch.ones_like(ids)
@@ -100,11 +105,11 @@ def assert_greedy_continuation(model, ids, attention_mask, tokens) -> None:
 
 
 @needs_fused
-@pytest.mark.parametrize("batch,quantization", [(1, None), (2, None), (2, "int8")])
+@pytest.mark.parametrize("batch,quantization", [(1, None), (2, None), (2, "int8"), (1, "int4")])
 def test_generate_takes_the_fused_step_by_default(batch, quantization):
     """generate's default (compile=None) runs every decode step as one fused call, greedy per the
     module's logits at every step, left padding included; compile=False is the module's step."""
-    model = model_of(SHAPE, seed=1, quantization=quantization)
+    model = model_of(INT4 if quantization == "int4" else SHAPE, seed=1, quantization=quantization)
     ids = random_ids(batch, 6, vocab=2048, seed=3)
     attention_mask = torch.ones_like(ids)
     attention_mask[1:, :2] = 0
@@ -177,7 +182,9 @@ def test_where_it_applies(monkeypatch):
         assert fused.applies(model, 4) and not fused.applies(model, 5)
         model.unpack_weights()
     assert fused.applies(model_of(SHAPE, quantization="int8"), 8)
-    assert not fused.applies(model_of(dict(SHAPE, intermediate_size=256), quantization="int4"), 1)
+    int4 = model_of(INT4, quantization="int4")
+    assert fused.applies(int4, 1) and not fused.applies(int4, 2)  # its kernel takes one row
+    assert not fused.applies(quantize(model_of(INT4), "int4", group_size=32), 1)  # no kernel for 32
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not fused.applies(model, 1)  # tensor parallel: its all-reduces are in the modules
     monkeypatch.delenv("WORLD_SIZE")

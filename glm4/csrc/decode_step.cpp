@@ -29,9 +29,10 @@
 #include <vector>
 
 #include "attention.h"
+#include "int4.h"
 #include "linear.h"
 
-#if defined(GLM4_BF16_LINEAR_KERNEL) && defined(__AVX512VL__)
+#if defined(GLM4_BF16_LINEAR_KERNEL) && defined(GLM4_INT4_KERNEL) && defined(__AVX512VL__)
 #define GLM4_DECODE_STEP_KERNEL 1
 #endif
 
@@ -183,15 +184,20 @@ void int8_linear_rows(const uint16_t *x, const int8_t *w, const uint16_t *scales
     });
 }
 
-// One projection of the weights list: y = x W^T (+ bias), W bf16 or int8 with per-row scales.
+// One projection of the weights list: y = x W^T (+ bias), W bf16, int8 with per-row scales, or int4
+// with per-group scales and zeros (glm4's layout, see int4.h; one pass over W per row of x).
 struct Projection {
+    enum Kind { BF16, INT8, INT4 } kind = BF16;
     const void *weight = nullptr;
     const uint16_t *scales = nullptr, *bias = nullptr;
-    int64_t N = 0, K = 0;
+    int64_t N = 0, K = 0, group = 0;
 
     void operator()(const uint16_t *x, uint16_t *y, int64_t M) const {
-        if (scales)
+        if (kind == INT8)
             int8_linear_rows(x, static_cast<const int8_t *>(weight), scales, y, M, K, N);
+        else if (kind == INT4)
+            for (int64_t m = 0; m < M; m++)
+                int4_linear_row(x + m * K, static_cast<const uint8_t *>(weight), scales, y + m * N, K, N, group);
         else
             linear_rows(x, static_cast<const uint16_t *>(weight), y, M, K, N);
         if (bias)
@@ -202,14 +208,24 @@ struct Projection {
 // The projection at t[0..2] (weight, scales, bias), checked against the shape (N, K) it must have.
 Projection projection(const at::Tensor *t, int64_t N, int64_t K, const char *name) {
     const at::Tensor &w = t[0], &s = t[1], &b = t[2];
+    TORCH_CHECK(b.numel() == 0 || (b.numel() == N && b.scalar_type() == at::kBFloat16), "glm4::decode_step: ",
+                name, ": a bf16 bias of ", N, " or none");
+    TORCH_CHECK(s.numel() == 0 || s.scalar_type() == at::kBFloat16, "glm4::decode_step: ", name, ": bf16 scales");
+    if (w.scalar_type() == at::kByte) {  // int4, two columns a byte
+        const int64_t group = s.dim() == 3 && s.size(1) > 0 ? K / s.size(1) : 0;
+        TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) * 2 == K && group > 0 && group % 64 == 0 &&
+                        s.size(1) * group == K && s.size(0) == N && s.size(2) == 2,
+                    "glm4::decode_step: ", name, " must be an int4 weight (", N, ", ", K / 2,
+                    ") with scales and zeros (", N, ", K / group, 2), groups of a multiple of 64");
+        return Projection{Projection::INT4, w.const_data_ptr(), bits(s), bits(b), N, K, group};
+    }
     const bool int8 = w.scalar_type() == at::kChar;
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous() &&
-                    (int8 || w.scalar_type() == at::kBFloat16),
-                "glm4::decode_step: ", name, " must be a contiguous bf16 or int8 (", N, ", ", K, ") weight");
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K && (int8 || w.scalar_type() == at::kBFloat16),
+                "glm4::decode_step: ", name, " must be a bf16, int8 or int4 (", N, ", ", K, ") weight");
     TORCH_CHECK(int8 ? s.numel() == N : s.numel() == 0, "glm4::decode_step: ", name,
                 ": int8 weights take one scale per row, bf16 weights none");
-    TORCH_CHECK(b.numel() == 0 || b.numel() == N, "glm4::decode_step: ", name, ": a bias of ", N, " or none");
-    return Projection{w.const_data_ptr(), int8 ? bits(s) : nullptr, bits(b), N, K};
+    return Projection{int8 ? Projection::INT8 : Projection::BF16, w.const_data_ptr(), int8 ? bits(s) : nullptr,
+                      bits(b), N, K};
 }
 
 #endif  // GLM4_DECODE_STEP_KERNEL
@@ -230,15 +246,15 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
                 "glm4::decode_step: ", weights.size(), " weights and ", keys.size(), " cache layers do not match");
     for (const auto &w : weights)
         TORCH_CHECK(w.is_contiguous() && w.device().is_cpu() &&
-                        (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kChar),
-                    "glm4::decode_step takes contiguous bf16 (or int8) CPU weights");
+                        (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kChar || w.scalar_type() == at::kByte),
+                    "glm4::decode_step takes contiguous bf16 (or int8, int4) CPU weights");
     const at::Tensor &embed = weights[0], &final_norm = weights[1 + PER_LAYER * layers];
     const at::Tensor *lm_head = &weights[2 + PER_LAYER * layers];
     TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == at::kBFloat16, "glm4::decode_step: a bf16 embedding");
     const int64_t B = tokens.size(0), hidden = embed.size(1), vocab = lm_head[0].size(0);
     const int64_t Hkv = keys[0].size(1), max_length = keys[0].size(2), D = keys[0].size(3);
     const int64_t q_width = weights[1 + NORMS].size(0), kv_width = Hkv * D, Hq = q_width / D, G = Hq / Hkv;
-    const int64_t inter = weights[1 + NORMS + 5 * PER_PROJECTION].size(1), R = 2 * inv_freq.numel(), S = mask.size(-1);
+    const int64_t inter = weights[1 + NORMS + 4 * PER_PROJECTION].size(0) / 2, R = 2 * inv_freq.numel(), S = mask.size(-1);
     TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1 && positions.sizes() == tokens.sizes() &&
                     tokens.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
                 "glm4::decode_step takes tokens and positions (B, 1) int64");
