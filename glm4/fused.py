@@ -1,5 +1,5 @@
-"""The fused CPU decode step: a bf16 (or int8) model's whole decode step in one C++ call
-(`kernels.decode_step`).
+"""The fused CPU decode step: a bf16 model's whole decode step in one C++ call (`kernels.decode_step`),
+its projections bf16, int8 or (at batch 1) int4.
 
 At batch 1 a decode step streams every weight once. Run as a torch.compile'd graph, the same step
 spends about 2 ms of its 13 (bench model, 60 GB/s) outside the matmuls: dynamo's entry, the

@@ -10,9 +10,9 @@
 - `bf16_linear` (csrc/bf16_linear.cpp): up to 8 rows of bf16 times a plain bf16 weight in one
   pass over it, for eager and batched decoding, where oneDNN needs a packed copy of the weight
   and still runs 1.2-1.6x slower at 1 to 4 rows.
-- `decode_step` (csrc/decode_step.cpp): a bf16 Glm4ForCausalLM's whole decode step in one call,
-  over the attention and bf16 matmul kernels (see glm4/fused.py); and `argmax`, the greedy pick
-  from float logits.
+- `decode_step` (csrc/decode_step.cpp): a Glm4ForCausalLM's whole decode step in one call, its
+  projections bf16, int8 or int4, over the cores of the kernels above (csrc/attention.h, linear.h,
+  int4.h; see glm4/fused.py); and `argmax`, the greedy pick from float logits.
 
 All are registered as torch ops (declared here, their CPU kernels registered by the library), so
 a compiled step calls C++ directly: the same kernel called from Python through ctypes spent 20-30 us
