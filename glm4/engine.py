@@ -149,7 +149,8 @@ class Engine:
     ) -> None:
         """`mirror(op, args)` is told of every model call before it runs (tensor parallel: rank 0
         broadcasts them); `start=False` builds the state without the loop thread (the other ranks).
-        `pack` as in `stream_tokens`: None packs the weights when the copy fits in memory."""
+        `compile` and `pack` as in `stream_tokens`: None takes the fastest decode step that applies
+        at `max_batch_size` rows, and packs the weights when the copy fits in memory."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         context = model.config.max_context or model.config.max_position_embeddings

@@ -34,27 +34,27 @@ def _projection(linear: torch.nn.Module, empty: torch.Tensor) -> list[torch.Tens
     return [linear.weight, scales if scales is not None else empty, bias]
 
 
+def _layer_projections(layer: torch.nn.Module) -> list[torch.nn.Module]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+
+
 def _layer_weights(layer: torch.nn.Module, empty: torch.Tensor) -> list[torch.Tensor]:
     """The tensors decode_step.cpp reads per layer, in its order: the four norms, then q, k, v, o,
     gate_up and down (three each, see `_projection`)."""
-    attn, mlp = layer.self_attn, layer.mlp
     weights = [
         layer.input_layernorm.weight,
         layer.post_self_attn_layernorm.weight,
         layer.post_attention_layernorm.weight,
         layer.post_mlp_layernorm.weight,
     ]
-    for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+    for linear in _layer_projections(layer):
         weights += _projection(linear, empty)
     return weights
 
 
 def _projections(model: torch.nn.Module) -> list[torch.nn.Module]:
-    projections = [model.lm_head]
-    for layer in model.base_model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        projections += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
-    return projections
+    return [model.lm_head, *(p for layer in model.base_model.layers for p in _layer_projections(layer))]
 
 
 def applies(model: torch.nn.Module, batch_size: int) -> bool:
@@ -102,16 +102,15 @@ def fused_step(model: torch.nn.Module, batch_size: int) -> Callable[..., torch.T
     for layer in base.layers:
         weights += _layer_weights(layer, empty)
     weights += [base.norm.weight, *_projection(model.lm_head, empty)]
-    rotary = base.rotary_emb
-    rope = (rotary.inv_freq.float().contiguous(), float(rotary.attention_scaling))
-    scales = (
+    inv_freq = base.rotary_emb.inv_freq.float().contiguous()
+    constants = (
+        float(base.rotary_emb.attention_scaling),  # cos and sin's factor
         float(model.config.rms_norm_eps),
-        float(base.layers[0].self_attn.scaling),
-    )  # norms', attention's
+        float(base.layers[0].self_attn.scaling),  # attention's
+    )
 
-    def step(tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any, cache_position):
-        return kernels.decode_step(
-            tokens, position, mask, cache_position, weights, cache.keys, cache.values, *rope, *scales
-        )
+    def step(tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any, slot: Any):
+        caches = (cache.keys, cache.values)
+        return kernels.decode_step(tokens, position, mask, slot, weights, *caches, inv_freq, *constants)
 
     return step

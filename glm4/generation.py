@@ -45,7 +45,9 @@ def stream_tokens(
     """Yield the next token of every row (B,) per step; a finished row gets pad_token_id.
 
     cache: "static" (preallocated, the default) or "dynamic" (grows by concatenation).
-    compile: run each decode step as one torch.compile'd graph; None picks it where it pays off.
+    compile: None (the default) takes the fastest decode step that applies: the fused CPU step
+        (`glm4.fused`), else the torch.compile'd graph where it pays off, else the module; True
+        the compiled graph; False the module as it is.
     prefill_chunk: the prompt is run through the model this many tokens at a time.
     pack: keep the weights in oneDNN's blocked layout for batched CPU decoding too (see
         `pack_weights`); None packs for batches when the copy fits in the memory available.
@@ -320,7 +322,7 @@ class GenerationMixin:
         top_k, top_p, min_p, repetition_penalty, eos_token_id, pad_token_id, seed, generator,
         stop_strings with tokenizer). `streamer` is called with each step's tokens (B,). `cache`,
         `compile`, `prefill_chunk` and `pack` choose the path (see `stream_tokens`); every path
-        gives the same greedy tokens.
+        gives the same greedy tokens up to near-ties that bf16 rounding in another order tips.
         """
         kwargs = self.generation_kwargs(**sampling)
         kwargs.update(cache=cache, compile=compile, prefill_chunk=prefill_chunk, pack=pack)

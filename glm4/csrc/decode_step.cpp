@@ -42,8 +42,9 @@ namespace {
 
 // The weights list decode_step takes (glm4/fused.py builds it): the embedding; per layer its four
 // norms (input, post-attention-output, pre-MLP, post-MLP) and six projections (q, k, v, o, gate_up,
-// down) of three tensors each: the weight (bf16, or int8 with one scale per row), the scales (or
-// empty) and the bias (or empty); then the final norm and the lm_head's three.
+// down) of three tensors each: the weight (bf16; int8; or int4, two columns a byte), the scales
+// (int8: one per row; int4: a scale and a zero per group of columns; bf16: empty) and the bias (or
+// empty); then the final norm and the lm_head's three.
 constexpr int NORMS = 4, PROJECTIONS = 6, PER_PROJECTION = 3;
 constexpr int PER_LAYER = NORMS + PROJECTIONS * PER_PROJECTION;
 
