@@ -173,15 +173,11 @@ void int8_linear_rows(const uint16_t *x, const int8_t *w, const uint16_t *scales
         __mmask16 m = first(M * K - i);
         _mm512_mask_storeu_ps(&xf[i], m, load(x + i, m));
     }
-    const int64_t half = (N + 1) / 2;
-    at::parallel_for(0, half, 16, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; t++) {
-            const int64_t r[2] = {t, t + half};
-            if (r[1] < N)
-                int8_rows_times<2>(xf.data(), w, scales, y, M, K, N, r);
-            else
-                int8_rows_times<1>(xf.data(), w, scales, y, M, K, N, r);
-        }
+    for_each_tile(N, [&](const int64_t *r, int rows) {
+        if (rows == 2)
+            int8_rows_times<2>(xf.data(), w, scales, y, M, K, N, r);
+        else
+            int8_rows_times<1>(xf.data(), w, scales, y, M, K, N, r);
     });
 }
 

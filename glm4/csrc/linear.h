@@ -74,18 +74,26 @@ void rows_times(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, in
     }
 }
 
-// y (M, N) = x (M, K) @ w (N, K)^T, all bf16 and contiguous, on every thread.
-inline void linear_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t K, int64_t N) {
-    // Tile t holds the weight rows t and t + half (the second missing for the middle of odd N).
+// tile(r, rows) for every tile of a weight of N rows, split over the threads: tile t holds the
+// weight rows r = {t, t + half} (rows = 2), or the middle row of an odd N alone (rows = 1).
+template <typename Tile>
+inline void for_each_tile(int64_t N, const Tile &tile) {
     const int64_t half = (N + 1) / 2;
     at::parallel_for(0, half, 16, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; t++) {
             const int64_t r[2] = {t, t + half};
-            if (r[1] < N)
-                rows_times<2>(x, w, y, M, K, N, r);
-            else
-                rows_times<1>(x, w, y, M, K, N, r);
+            tile(r, r[1] < N ? 2 : 1);
         }
+    });
+}
+
+// y (M, N) = x (M, K) @ w (N, K)^T, all bf16 and contiguous, on every thread.
+inline void linear_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t K, int64_t N) {
+    for_each_tile(N, [&](const int64_t *r, int rows) {
+        if (rows == 2)
+            rows_times<2>(x, w, y, M, K, N, r);
+        else
+            rows_times<1>(x, w, y, M, K, N, r);
     });
 }
 
