@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glm4 import hugepages
+from glm4 import fused, hugepages, sampling
 from glm4.cache import KVCache, kv_layout
 from glm4.generation import decode_step_for, pack_for, prefill, step_mask
 from glm4.sampling import SamplingParams, sample_next
@@ -168,8 +168,12 @@ class Engine:
         self.tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
         self.write_at = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+        if pack is None and compile is None and fused.applies(model, max_batch_size):
+            pack = False  # the fused step reads the plain weights: a copy would serve prefill only
         pack_for(model, max_batch_size, pack)
-        self.step_fn, self.compiled = decode_step_for(model, max_batch_size, compile, 64)
+        self.step_fn, kind = decode_step_for(model, max_batch_size, compile, 64)
+        self.compiled = kind == "compiled"
+        self.fused = kind == "fused"  # steps only the slots in use (see decode_slots)
         self.active: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
         self.ids = itertools.count(1)
@@ -283,11 +287,11 @@ class Engine:
 
     def _step(self) -> None:
         rows = [(slot, request.generated[-1]) for slot, request in self.active.items()]
-        logits = self.run("decode_slots", rows)
+        logits, order = self.run("decode_slots", rows)
         self.steps += 1
-        greedy = logits.argmax(-1).tolist()  # one call for every row that needs nothing more
-        for slot, request in list(self.active.items()):
-            self._take(request, logits[slot : slot + 1], greedy[slot])
+        greedy = sampling.greedy(logits).tolist()  # one call for every row that needs nothing more
+        for (slot, _), i in zip(rows, order, strict=True):
+            self._take(self.active[slot], logits[i : i + 1], greedy[i])
 
     # -- the model work: the only methods that touch the model and the cache. Under tensor parallel
     # every rank must run them in the same order with the same arguments, so they take plain values
@@ -310,8 +314,14 @@ class Engine:
         self.key_mask[slot, : len(prompt)] = True
         return logits
 
-    def decode_slots(self, rows: list[tuple[int, int]]) -> torch.Tensor:
-        """One decode step of every slot; `rows` are the (slot, last token) pairs in use."""
+    def decode_slots(self, rows: list[tuple[int, int]]) -> tuple[torch.Tensor, list[int]]:
+        """One decode step; `rows` are the (slot, last token) pairs in use. Returns the logits and,
+        for each pair, its row in them.
+
+        The compiled graph and the module step every slot (fixed shapes; a slot's numbers the same
+        whoever else is in use). The fused step runs the slots in use only, as its numbers for a
+        slot do not depend on the other rows: one request on an engine of 8 slots costs one row's
+        step, not eight."""
         width = 1
         for slot, token in rows:
             self.tokens[slot, 0] = token
@@ -322,10 +332,16 @@ class Engine:
             width = max(width, position + 1)
         # Attend over the longest filled slot, not all max_model_len positions.
         mask = step_mask(self.key_mask, width, self.compiled)
-        logits = self.step_fn(self.tokens, self.positions, mask, self.cache, self.write_at)
+        if self.fused:
+            used = torch.tensor([slot for slot, _ in rows], device=self.model.device)
+            take = (self.tokens[used], self.positions[used], mask[used], self.cache, self.write_at[used])
+            logits, order = self.step_fn(*take, used), list(range(len(rows)))
+        else:
+            logits = self.step_fn(self.tokens, self.positions, mask, self.cache, self.write_at)
+            order = [slot for slot, _ in rows]
         for slot, _ in rows:
             self.cache.lengths[slot] += 1
-        return logits
+        return logits, order
 
     def release_slot(self, slot: int) -> None:
         self.key_mask[slot] = False

@@ -93,7 +93,8 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
 def fused_step(model: torch.nn.Module, batch_size: int) -> Callable[..., torch.Tensor] | None:
     """The fused step for `model` at `batch_size`, called as `model.decode_step` (tokens (B, 1),
     positions (B, 1), mask (B, 1, 1, S), a static or slot cache, cache_position): float logits
-    (B, vocab). None where it does not apply (see `applies`)."""
+    (B, vocab). A last argument `rows` (B,) int64 runs the step for those batch rows of a larger
+    cache only (the serving engine's slots in use). None where it does not apply (see `applies`)."""
     if not applies(model, batch_size):
         return None
     base = model.base_model
@@ -109,8 +110,10 @@ def fused_step(model: torch.nn.Module, batch_size: int) -> Callable[..., torch.T
         float(base.layers[0].self_attn.scaling),  # attention's
     )
 
-    def step(tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any, slot: Any):
+    def step(
+        tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any, slot: Any, rows=None
+    ):
         caches = (cache.keys, cache.values)
-        return kernels.decode_step(tokens, position, mask, slot, weights, *caches, inv_freq, *constants)
+        return kernels.decode_step(tokens, position, mask, slot, weights, *caches, inv_freq, *constants, rows)
 
     return step

@@ -87,7 +87,8 @@ def stream_tokens(
     else:
         kv = DynamicCache()
     pack_for(model, B, pack)
-    step, compiled = decode_step_for(model, B, compile if cache == "static" else False, max_new_tokens)
+    step, kind = decode_step_for(model, B, compile if cache == "static" else False, max_new_tokens)
+    compiled = kind == "compiled"
 
     seen = input_ids if params.repetition_penalty != 1.0 else None
     counts = None
@@ -186,17 +187,17 @@ def _bucket(length: int, smallest: int = 512) -> int:
 
 def decode_step_for(
     model: torch.nn.Module, batch_size: int, compile: bool | None, max_new_tokens: int
-) -> tuple[Callable[..., torch.Tensor], bool]:
+) -> tuple[Callable[..., torch.Tensor], str]:
     """The decode step a generation of `batch_size` rows runs on a static (or slot) cache, called as
-    `model.decode_step`, and whether it is the compiled graph. `compile` None: the fastest that
-    applies (the fused CPU step, else the compiled graph where it pays for its compile time, else
-    the module); True: the compiled graph; False: the module as it is."""
+    `model.decode_step`, and which it is: "fused", "compiled" or "module". `compile` None: the
+    fastest that applies (the fused CPU step, else the compiled graph where it pays for its compile
+    time, else the module); True: the compiled graph; False: the module as it is."""
     if compile is None:
         step = fused_step(model, batch_size)
         if step is not None:
-            return step, False
+            return step, "fused"
         compile = should_compile(model, max_new_tokens)
-    return (steady(model), True) if compile else (model.decode_step, False)
+    return (steady(model), "compiled") if compile else (model.decode_step, "module")
 
 
 def should_compile(model: torch.nn.Module, max_new_tokens: int) -> bool:

@@ -175,8 +175,8 @@ _ops.define("int4_linear(Tensor x, Tensor weight, Tensor scales_and_zeros, int g
 _ops.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
 _ops.define(
     "decode_step(Tensor tokens, Tensor positions, Tensor mask, Tensor cache_position, Tensor[] weights, "
-    "Tensor(a!)[] keys, Tensor(b!)[] values, Tensor inv_freq, float rope_scale, float eps, float scale) "
-    "-> Tensor"
+    "Tensor(a!)[] keys, Tensor(b!)[] values, Tensor inv_freq, float rope_scale, float eps, float scale, "
+    "Tensor? rows=None) -> Tensor"
 )
 _ops.define("argmax(Tensor logits) -> Tensor")
 
@@ -213,11 +213,13 @@ def decode_step(
     rope_scale: float,
     eps: float,
     scale: float,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A bf16 Glm4ForCausalLM's whole decode step in one call: float logits (B, vocab), the cache
-    written at `cache_position`. `glm4.fused` builds the arguments and says when it applies."""
+    """A Glm4ForCausalLM's whole decode step in one call: float logits (B, vocab), the cache written
+    at `cache_position`, in its batch rows `rows` (None: rows 0..B-1). `glm4.fused` builds the
+    arguments and says when it applies."""
     return torch.ops.glm4.decode_step(
-        tokens, positions, mask, cache_position, weights, keys, values, inv_freq, rope_scale, eps, scale
+        tokens, positions, mask, cache_position, weights, keys, values, inv_freq, rope_scale, eps, scale, rows
     )
 
 

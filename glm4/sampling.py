@@ -87,6 +87,11 @@ def min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(probs < p * probs.max(-1, keepdim=True).values, NEG_INF)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim of (B, vocab) logits; glm4's kernel for a real vocabulary on the CPU."""
+    return kernels.argmax(logits) if kernels.can_argmax(logits) else logits.argmax(-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -101,7 +106,7 @@ def sample_next(
     if counts is not None:
         logits = presence_frequency_penalty(logits, counts, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
-        return kernels.argmax(logits) if kernels.can_argmax(logits) else logits.argmax(-1)
+        return greedy(logits)
     logits = logits / params.temperature
     logits = min_p(top_p(top_k(logits, params.top_k), params.top_p), params.min_p)
     probs = logits.softmax(-1)

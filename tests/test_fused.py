@@ -132,14 +132,15 @@ def test_generate_takes_the_fused_step_by_default(batch, quantization):
 @needs_fused
 def test_engine_takes_the_fused_step(monkeypatch):
     """The serving engine's steps (a slot cache, a cache position per row, slots at different
-    lengths, joining and leaving) run fused, greedy per the module's logits."""
-    calls = []
-    decode_step = kernels.decode_step
-    monkeypatch.setattr(kernels, "decode_step", lambda *args: calls.append(1) or decode_step(*args))
+    lengths, joining and leaving) run fused on the slots in use only, greedy per the module's
+    logits; its weights are not packed (the fused step reads the plain ones)."""
+    calls, decode_step = [], kernels.decode_step  # the rows of each step
+    monkeypatch.setattr(kernels, "decode_step", lambda *a: calls.append(len(a[0])) or decode_step(*a))
     model = model_of(SHAPE, seed=2)
     prompts = [random_ids(1, n, vocab=2048, seed=n)[0].tolist() for n in (3, 7, 5, 9)]
     engine = Engine(model, max_batch_size=3)
-    assert isinstance(engine.cache, SlotCache) and not engine.compiled
+    assert isinstance(engine.cache, SlotCache) and engine.fused and not engine.compiled
+    assert model.packable_bytes() > 0  # nothing packed
     results = [None] * len(prompts)
 
     def run(i):
@@ -153,7 +154,7 @@ def test_engine_takes_the_fused_step(monkeypatch):
             t.join()
     finally:
         engine.shutdown()
-    assert len(calls) >= 12  # the longest request's steps at least
+    assert len(calls) >= 12 and max(calls) == 3 and min(calls) < 3  # the slots in use
     for i, (prompt, out) in enumerate(zip(prompts, results, strict=True)):
         assert isinstance(out[-1], Finished) and len(out) == 7 + 2 * i
         ids = torch.tensor([prompt])
@@ -239,3 +240,40 @@ def test_argmax_kernel_equals_torch():
         token = sample_next(logits, SamplingParams())
     assert torch.equal(token, logits.argmax(-1))
     assert any(e.key == "glm4::argmax" for e in prof.key_averages())
+
+
+@needs_fused
+def test_a_rows_numbers_do_not_depend_on_its_company():
+    """Run for some batch rows of a larger cache (the engine's slots in use), a row's logits and
+    cache writes are the same bits alone or with others, over a context long enough for the
+    attention to split its keys (one KV head, 2 threads)."""
+    model = model_of(dict(ODD, max_position_embeddings=1024))
+    cache = SlotCache(model, 3, 512)
+    g = torch.Generator().manual_seed(0)
+    for t in cache.keys + cache.values:
+        t.copy_(torch.randn(t.shape, generator=g))
+    key_mask = torch.zeros(3, 512, dtype=torch.bool)
+    key_mask[:, :301] = True
+    step = fused.fused_step(model, 2)
+
+    def run(rows: list[int]):
+        copy = SlotCache(model, 3, 512)
+        for ours, theirs in zip(copy.keys + copy.values, cache.keys + cache.values, strict=True):
+            ours.copy_(theirs)
+        used = torch.tensor(rows)
+        tokens, positions, mask = (used * 7 + 5)[:, None], torch.full((len(rows), 1), 300), key_mask[used]
+        with torch.inference_mode():
+            logits = step(tokens, positions, mask[:, None, None, :301], copy, positions[:, 0], used)
+        return logits, copy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        alone, alone_cache = run([0])
+        together, together_cache = run([2, 0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone[0], together[1])
+    assert torch.equal(alone_cache.keys[0][0], together_cache.keys[0][0])
+    assert torch.equal(alone_cache.values[1][0], together_cache.values[1][0])
+    assert not torch.equal(together_cache.keys[0][2], cache.keys[0][2])  # row 2 written too

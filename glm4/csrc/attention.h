@@ -177,20 +177,26 @@ void chunk(const uint16_t *q, float scale, const uint16_t *k, const uint16_t *v,
 }
 
 // q, out: (B, H, G, D) contiguous, H the KV heads and G the query heads of each. k, v: unit stride
-// along D. keep: (B, S) bytes, 0 where a key is hidden, or null.
+// along D. keep: (B, S) bytes, 0 where a key is hidden, or null. cache_rows: the batch row of k and
+// v that row b of q reads (null: b). split_rows: the number of (row, KV head) pairs that decides
+// how many chunks the keys are split into (0: B * H); a caller that passes some rows of a larger
+// batch passes the larger batch's, so that a row's sums do not depend on its company. (A split's
+// merge adds in another order; after the bf16 rounding of the output that rarely shows, but
+// "rarely" is not "never".)
 void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *keep, uint16_t *out,
             int64_t B, int64_t H, int64_t G, int64_t D, int64_t S, const int64_t *ks, const int64_t *vs,
-            int64_t keep_sb, float scale) {
+            int64_t keep_sb, float scale, const int64_t *cache_rows = nullptr, int64_t split_rows = 0) {
     auto run = D == 64 ? chunk<64> : D == 128 ? chunk<128> : chunk<256>;
-    int64_t rows = B * H, threads = at::get_num_threads();
+    int64_t rows = B * H, threads = at::get_num_threads(), split = split_rows > 0 ? split_rows : rows;
     // Enough chunks of keys to give every thread work, none shorter than 256 keys.
-    int64_t chunks = std::max<int64_t>(1, std::min((threads + rows - 1) / rows, (S + 255) / 256));
+    int64_t chunks = std::max<int64_t>(1, std::min((threads + split - 1) / split, (S + 255) / 256));
     int64_t per = (S + chunks - 1) / chunks, items = rows * chunks;
     std::vector<float> m(items * G), l(items * G), acc(items * G * D);
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scores;
         for (int64_t item = begin; item < end; item++) {
             int64_t r = item / chunks, c = item % chunks, b = r / H, h = r % H;
+            int64_t cb = cache_rows ? cache_rows[b] : b;
             int64_t s0 = c * per, s1 = std::min(s0 + per, S);
             if (s1 <= s0) {
                 std::fill_n(&m[item * G], G, -INFINITY);
@@ -198,7 +204,7 @@ void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8
                 continue;
             }
             scores.resize(G * (s1 - s0));
-            run(q + r * G * D, scale, k + b * ks[0] + h * ks[1], v + b * vs[0] + h * vs[1],
+            run(q + r * G * D, scale, k + cb * ks[0] + h * ks[1], v + cb * vs[0] + h * vs[1],
                 keep ? keep + b * keep_sb : nullptr, G, s0, s1, ks[2], vs[2], scores.data(), &m[item * G],
                 &l[item * G], &acc[item * G * D]);
         }

@@ -26,6 +26,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "attention.h"
@@ -229,13 +230,14 @@ Projection projection(const at::Tensor *t, int64_t N, int64_t K, const char *nam
 
 // tokens, positions (B, 1) int64; mask (B, 1, 1, S) bool, the keys each row attends over (the first
 // S cache slots); cache_position (1) or (B) int64, the slot each row's key and value go to;
-// weights: as PER_LAYER above; keys and values: the cache, (B, H_kv, max_length, D) per layer,
-// written in place; inv_freq (R / 2) float32 and rope_scale: the rotary frequencies and cos/sin
-// factor. Returns float32 logits (B, vocab).
+// weights: as PER_LAYER above; keys and values: the cache, (C, H_kv, max_length, D) per layer,
+// written in place, whose batch row rows[b] is row b's (rows None: C = B and row b); inv_freq
+// (R / 2) float32 and rope_scale: the rotary frequencies and cos/sin factor. Returns float32
+// logits (B, vocab). A row's numbers do not depend on the other rows, nor on how many there are.
 at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, const at::Tensor &mask,
                        const at::Tensor &cache_position, at::TensorList weights, at::TensorList keys,
                        at::TensorList values, const at::Tensor &inv_freq, double rope_scale, double eps,
-                       double scale) {
+                       double scale, const std::optional<at::Tensor> &rows) {
 #ifdef GLM4_DECODE_STEP_KERNEL
     const int64_t layers = keys.size();
     TORCH_CHECK(layers > 0 && (int64_t)values.size() == layers &&
@@ -249,7 +251,7 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
     const at::Tensor *lm_head = &weights[2 + PER_LAYER * layers];
     TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == at::kBFloat16, "glm4::decode_step: a bf16 embedding");
     const int64_t B = tokens.size(0), hidden = embed.size(1), vocab = lm_head[0].size(0);
-    const int64_t Hkv = keys[0].size(1), max_length = keys[0].size(2), D = keys[0].size(3);
+    const int64_t C = keys[0].size(0), Hkv = keys[0].size(1), max_length = keys[0].size(2), D = keys[0].size(3);
     const int64_t q_width = weights[1 + NORMS].size(0), kv_width = Hkv * D, Hq = q_width / D, G = Hq / Hkv;
     const int64_t inter = weights[1 + NORMS + 4 * PER_PROJECTION].size(0) / 2, R = 2 * inv_freq.numel(), S = mask.size(-1);
     TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1 && positions.sizes() == tokens.sizes() &&
@@ -274,8 +276,9 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
     for (int64_t l = 0; l < layers; l++) {
         const at::Tensor &kc = keys[l], &vc = values[l];
         TORCH_CHECK(kc.scalar_type() == at::kBFloat16 && vc.scalar_type() == at::kBFloat16 && kc.is_contiguous() &&
-                        vc.is_contiguous() && kc.sizes() == vc.sizes() && kc.sizes() == keys[0].sizes() && kc.size(0) == B,
-                    "glm4::decode_step takes contiguous bf16 caches (B, H_kv, max_length, D)");
+                        vc.is_contiguous() && kc.sizes() == vc.sizes() && kc.sizes() == keys[0].sizes() &&
+                        (rows.has_value() || kc.size(0) == B),
+                    "glm4::decode_step takes contiguous bf16 caches (B, H_kv, max_length, D), or (C, ...) with rows");
         const at::Tensor *w = &weights[1 + l * PER_LAYER], *p = w + NORMS;
         for (int i = 0; i < NORMS; i++) {
             TORCH_CHECK(w[i].numel() == hidden && w[i].scalar_type() == at::kBFloat16,
@@ -295,7 +298,12 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
 
     const int64_t *tok = tokens.const_data_ptr<int64_t>(), *pos = positions.const_data_ptr<int64_t>();
     const int64_t *slots = cache_position.const_data_ptr<int64_t>();
+    std::vector<int64_t> cache_row(B);
+    TORCH_CHECK(!rows.has_value() || (rows->scalar_type() == at::kLong && rows->numel() == B && rows->is_contiguous()),
+                "glm4::decode_step: rows holds one int64 cache row per row");
     for (int64_t b = 0; b < B; b++) {
+        cache_row[b] = rows.has_value() ? rows->const_data_ptr<int64_t>()[b] : b;
+        TORCH_CHECK(cache_row[b] >= 0 && cache_row[b] < C, "glm4::decode_step: cache row ", cache_row[b], " out of range");
         TORCH_CHECK(tok[b] >= 0 && tok[b] < embed.size(0), "glm4::decode_step: token id ", tok[b], " out of range");
         int64_t slot = slots[cache_position.numel() == 1 ? 0 : b];
         TORCH_CHECK(slot >= 0 && slot < max_length, "glm4::decode_step: cache slot ", slot, " out of range");
@@ -334,12 +342,13 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
             rope(&k[b * kv_width], Hkv, D, R, &cos[b * (R + 16)], &sin[b * (R + 16)]);
             int64_t slot = slots[cache_position.numel() == 1 ? 0 : b];
             for (int64_t j = 0; j < Hkv; j++) {
-                std::copy_n(&k[b * kv_width + j * D], D, kc + ((b * Hkv + j) * max_length + slot) * D);
-                std::copy_n(&v[b * kv_width + j * D], D, vc + ((b * Hkv + j) * max_length + slot) * D);
+                std::copy_n(&k[b * kv_width + j * D], D, kc + ((cache_row[b] * Hkv + j) * max_length + slot) * D);
+                std::copy_n(&v[b * kv_width + j * D], D, vc + ((cache_row[b] * Hkv + j) * max_length + slot) * D);
             }
         }
         const int64_t strides[3] = {Hkv * max_length * D, max_length * D, D};
-        attend(q.data(), kc, vc, keep, attn.data(), B, Hkv, G, D, S, strides, strides, mask.stride(0), (float)scale);
+        attend(q.data(), kc, vc, keep, attn.data(), B, Hkv, G, D, S, strides, strides, mask.stride(0), (float)scale,
+               cache_row.data(), C * Hkv);
         L.o(attn.data(), o.data(), B);
         for (int64_t b = 0; b < B; b++) {
             uint16_t *xb = &x[b * hidden];
