@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glm4 import fused, hugepages, sampling
+from glm4 import hugepages, sampling
 from glm4.cache import KVCache, kv_layout
 from glm4.generation import decode_step_for, pack_for, prefill, step_mask
 from glm4.sampling import SamplingParams, sample_next
@@ -168,9 +168,7 @@ class Engine:
         self.tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch_size, 1, dtype=torch.long, device=device)
         self.write_at = torch.zeros(max_batch_size, dtype=torch.long, device=device)
-        if pack is None and compile is None and fused.applies(model, max_batch_size):
-            pack = False  # the fused step reads the plain weights: a copy would serve prefill only
-        pack_for(model, max_batch_size, pack)
+        pack_for(model, max_batch_size, pack, compile)
         self.step_fn, kind = decode_step_for(model, max_batch_size, compile, 64)
         self.compiled = kind == "compiled"
         self.fused = kind == "fused"  # steps only the slots in use (see decode_slots)

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-from glm4 import kernels
+from glm4 import fused, kernels
 from glm4.cache import DynamicCache, KVCache, StaticCache
-from glm4.fused import fused_step
 from glm4.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger("glm4")
@@ -86,8 +85,9 @@ def stream_tokens(
         kv = StaticCache.for_model(model, B, _bucket(T + max_new_tokens))
     else:
         kv = DynamicCache()
-    pack_for(model, B, pack)
-    step, kind = decode_step_for(model, B, compile if cache == "static" else False, max_new_tokens)
+    compile = compile if cache == "static" else False
+    pack_for(model, B, pack, compile)
+    step, kind = decode_step_for(model, B, compile, max_new_tokens)
     compiled = kind == "compiled"
 
     seen = input_ids if params.repetition_penalty != 1.0 else None
@@ -193,7 +193,7 @@ def decode_step_for(
     fastest that applies (the fused CPU step, else the compiled graph where it pays for its compile
     time, else the module); True: the compiled graph; False: the module as it is."""
     if compile is None:
-        step = fused_step(model, batch_size)
+        step = fused.fused_step(model, batch_size)
         if step is not None:
             return step, "fused"
         compile = should_compile(model, max_new_tokens)
@@ -236,8 +236,12 @@ def should_pack(model: torch.nn.Module, batch_size: int, reserve: int = 2 << 30)
     return free is not None and needed + reserve <= free
 
 
-def pack_for(model: torch.nn.Module, batch_size: int, pack: bool | None) -> None:
-    """Pack the weights if asked to (True), or if None and `should_pack` says it pays and fits."""
+def pack_for(model: torch.nn.Module, batch_size: int, pack: bool | None, compile: bool | None = None) -> None:
+    """Pack the weights if asked to (True), or if None and `should_pack` says it pays and fits, but
+    not where the fused step will run (`compile` None and it applies): it reads the plain weights,
+    so a copy would double the weights' memory for prefill alone."""
+    if pack is None and compile is None and fused.applies(model, batch_size):
+        return
     if pack or (pack is None and should_pack(model, batch_size)):
         model.pack_weights()
 

@@ -124,6 +124,7 @@ def test_generate_takes_the_fused_step_by_default(batch, quantization):
 
     default, calls = generated(None)
     assert calls == 23  # every step after the prompt's
+    assert model.packable_bytes() > 0 or quantization  # the plain weights only: no packed copy
     assert_greedy_continuation(model, ids, attention_mask, default)
     module, module_calls = generated(False)
     assert module_calls == 0 and torch.equal(default[:, :8], module[:, :8])  # apart before near-ties
