@@ -20,10 +20,6 @@ import torch
 
 from glm4 import kernels
 
-# Rows of a step: the matmul kernel's one pass takes up to 8; with packed weights oneDNN is faster
-# from 5 rows on (see modeling.KERNEL_ROWS_PACKED), and the compiled step uses it.
-MAX_ROWS, MAX_ROWS_PACKED = 8, 4
-
 
 def _projection(linear: torch.nn.Module, empty: torch.Tensor) -> list[torch.Tensor]:
     """A projection's three tensors in decode_step.cpp: the weight (bf16, int8, or int4 two a byte),
@@ -65,7 +61,7 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
     length, large enough that the kernel build pays (as `kernels.can_bf16_linear`), and the kernels
     built for this CPU."""
     from glm4 import parallel
-    from glm4.modeling import Linear
+    from glm4.modeling import KERNEL_ROWS, KERNEL_ROWS_PACKED, Linear
     from glm4.quantization import Int4Linear, Int8Linear
 
     if not hasattr(model, "lm_head") or model.training or parallel.is_tensor_parallel():
@@ -76,7 +72,8 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
     if int4 and (batch_size != 1 or any(m.group_size % 64 for m in int4)):
         return False
     return (
-        1 <= batch_size <= (MAX_ROWS_PACKED if packed else MAX_ROWS)
+        # As a Linear's rows: with packed copies oneDNN is faster from 5 rows on, in the compiled step.
+        1 <= batch_size <= (KERNEL_ROWS_PACKED if packed else KERNEL_ROWS)
         and model.device.type == "cpu"
         and config.rope_type != "dynamic"
         and config.head_dim in kernels.HEAD_DIMS

@@ -298,15 +298,15 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
 
     const int64_t *tok = tokens.const_data_ptr<int64_t>(), *pos = positions.const_data_ptr<int64_t>();
     const int64_t *slots = cache_position.const_data_ptr<int64_t>();
-    std::vector<int64_t> cache_row(B);
+    std::vector<int64_t> cache_row(B), slot(B);  // per row: its cache row, and its slot there
     TORCH_CHECK(!rows.has_value() || (rows->scalar_type() == at::kLong && rows->numel() == B && rows->is_contiguous()),
                 "glm4::decode_step: rows holds one int64 cache row per row");
     for (int64_t b = 0; b < B; b++) {
         cache_row[b] = rows.has_value() ? rows->const_data_ptr<int64_t>()[b] : b;
         TORCH_CHECK(cache_row[b] >= 0 && cache_row[b] < C, "glm4::decode_step: cache row ", cache_row[b], " out of range");
         TORCH_CHECK(tok[b] >= 0 && tok[b] < embed.size(0), "glm4::decode_step: token id ", tok[b], " out of range");
-        int64_t slot = slots[cache_position.numel() == 1 ? 0 : b];
-        TORCH_CHECK(slot >= 0 && slot < max_length, "glm4::decode_step: cache slot ", slot, " out of range");
+        slot[b] = slots[cache_position.numel() == 1 ? 0 : b];
+        TORCH_CHECK(slot[b] >= 0 && slot[b] < max_length, "glm4::decode_step: cache slot ", slot[b], " out of range");
     }
 
     // cos and sin per row, laid out per pair as the model's rotary module does, rounded to bf16.
@@ -340,10 +340,9 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
         for (int64_t b = 0; b < B; b++) {
             rope(&q[b * q_width], Hq, D, R, &cos[b * (R + 16)], &sin[b * (R + 16)]);
             rope(&k[b * kv_width], Hkv, D, R, &cos[b * (R + 16)], &sin[b * (R + 16)]);
-            int64_t slot = slots[cache_position.numel() == 1 ? 0 : b];
             for (int64_t j = 0; j < Hkv; j++) {
-                std::copy_n(&k[b * kv_width + j * D], D, kc + ((cache_row[b] * Hkv + j) * max_length + slot) * D);
-                std::copy_n(&v[b * kv_width + j * D], D, vc + ((cache_row[b] * Hkv + j) * max_length + slot) * D);
+                std::copy_n(&k[b * kv_width + j * D], D, kc + ((cache_row[b] * Hkv + j) * max_length + slot[b]) * D);
+                std::copy_n(&v[b * kv_width + j * D], D, vc + ((cache_row[b] * Hkv + j) * max_length + slot[b]) * D);
             }
         }
         const int64_t strides[3] = {Hkv * max_length * D, max_length * D, D};
