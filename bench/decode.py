@@ -2,19 +2,22 @@
 
 Builds a GLM-4-shaped random model (hidden 1024, 12 layers, 16 heads, 2 KV heads, head_dim 64,
 intermediate 2816, vocab 151552; or the GLM-4-9B shape with --gpu) in bf16, saves it once, and
-loads it into both. Decode speed is also given as a fraction of the memory-bandwidth roofline:
-(bytes of weights read per token / seconds per token) / the streaming read bandwidth, read between
-stretches of 16 tokens (see Stretches: the bandwidth here drifts with the neighbours' load). Every
-figure alternates between the variants for a few rounds and shows the median, so that glm4 and
-transformers meet the same machine.
+loads it into both (with --gpu, or --in-memory: hands the same tensors to both instead, as 18 GB
+through a disk would take minutes of a short GPU lease). Decode speed is also given as a fraction of
+the memory-bandwidth roofline: (bytes of weights read per token / seconds per token) / the streaming
+read bandwidth, read between stretches of 16 tokens (see Stretches: the bandwidth here drifts with
+the neighbours' load). Every figure alternates between the variants for a few rounds and shows the
+median, so that glm4 and transformers meet the same machine.
 
     python bench/decode.py            # CPU, the small GLM-4 shape
     python bench/decode.py --gpu      # CUDA, the GLM-4-9B shape
+    python bench/decode.py --gpu --variants bf16,eager --batches 8 --long 0    # a shorter run
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import statistics
 import sys
@@ -26,6 +29,9 @@ import torch
 
 from glm4 import Glm4Config, Glm4ForCausalLM, hugepages
 from glm4.generation import stream_tokens
+from glm4.quantization import quantize
+
+VARIANTS = ("bf16", "compiled", "eager", "int8", "int4")
 
 SMALL = dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=2,
              head_dim=64, intermediate_size=2816)  # fmt: skip
@@ -195,6 +201,52 @@ def prefill_rate(model, length: int, device: str, vocab: int) -> float:
     return length / best
 
 
+def models_from_disk(config, device: str, quantized: list[str], with_hf: bool, tmp: str):
+    """{name: glm4 model} and the transformers model (or None), each loaded from one saved checkpoint."""
+    with torch.device(device):
+        Glm4ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp)
+    models = {"glm4 bf16": Glm4ForCausalLM.from_pretrained(tmp, device=device)}
+    for quant in quantized:
+        models[f"glm4 {quant}"] = Glm4ForCausalLM.from_pretrained(tmp, device=device, quantization=quant)
+    hf = None
+    if with_hf:
+        import transformers
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device)
+        hf.eval()
+    return models, hf
+
+
+def models_in_memory(config, device: str, quantized: list[str], with_hf: bool, tmp: str):
+    """The same, built on the device: the quantized models from copies of the bf16 one, and
+    transformers' model (from the saved config.json alone) given the same weights."""
+    with torch.device(device):
+        ours = Glm4ForCausalLM(config).to(torch.bfloat16).eval()
+    models = {"glm4 bf16": ours}
+    for quant in quantized:
+        models[f"glm4 {quant}"] = quantize(copy.deepcopy(ours), quant)
+    hf = None
+    if with_hf:
+        import transformers
+
+        config.save_pretrained(tmp)
+        with torch.device(device):
+            hf = transformers.AutoModelForCausalLM.from_config(
+                transformers.AutoConfig.from_pretrained(tmp), dtype=torch.bfloat16
+            )
+        missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+        names = {name for name, _ in hf.named_parameters()}
+        if names & set(missing) or unexpected:
+            raise RuntimeError(f"weights transformers lacks {unexpected} or was not given {missing}")
+        hf.eval()
+    return models, hf
+
+
+def greedy_tokens(model, prompt: torch.Tensor, new_tokens: int, compile) -> list[int]:
+    steps = stream_tokens(model, prompt, max_new_tokens=new_tokens, eos_token_id=[], compile=compile)
+    return [int(t[0]) for t in steps]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="CUDA and the GLM-4-9B shape")
@@ -205,7 +257,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per measurement")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-quantized", action="store_true")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"glm4's batch-1 rows, of {','.join(VARIANTS)}"
+    )
+    parser.add_argument(
+        "--in-memory", action="store_true", help="no checkpoint on disk: both models get the same tensors"
+    )
     args = parser.parse_args()
+    chosen = [v for v in args.variants.split(",") if v]
+    if unknown := set(chosen) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.skip_quantized:
+        chosen = [v for v in chosen if v not in ("int8", "int4")]
+    args.in_memory = args.in_memory or args.gpu
     device = "cuda" if args.gpu else "cpu"
     shape = GLM4_9B if args.gpu else SMALL
     config = Glm4Config(**shape, vocab_size=151552, max_position_embeddings=32768, rms_norm_eps=1e-5,
@@ -222,39 +286,40 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        with torch.device(device):
-            Glm4ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp)
         prompt = torch.randint(0, 151552, (1, args.prompt), device=device)
-        quantized = [] if args.skip_quantized else ["int8", "int4"]
-        models = {"glm4 bf16": Glm4ForCausalLM.from_pretrained(tmp, device=device)}
-        for quant in quantized:
-            models[f"glm4 {quant}"] = Glm4ForCausalLM.from_pretrained(tmp, device=device, quantization=quant)
-        hf = None
-        if not args.skip_transformers:
-            import transformers
-
-            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device)
-            hf.eval()
+        quantized = [q for q in ("int8", "int4") if q in chosen]
+        if args.in_memory:
+            models, hf = models_in_memory(config, device, quantized, not args.skip_transformers, tmp)
+        else:
+            models, hf = models_from_disk(config, device, quantized, not args.skip_transformers, tmp)
 
         probe = torch.randint(0, 151552, (1, 64), device=device)
         with torch.inference_mode():
             reference = models["glm4 bf16"](probe).logits.float()
-            for name in list(models)[1:]:
-                logits = models[name](probe).logits.float()
+            others = {name: model(probe).logits.float() for name, model in list(models.items())[1:]}
+            if hf is not None:
+                others["transformers bf16"] = hf(probe).logits.float()
+            for name, logits in others.items():
                 err = ((logits - reference).abs().max() / reference.abs().max()).item()
                 top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-                row(f"{name}: logits vs bf16 (64 positions)", f"max |diff| {err:.1%} of max |logit|, "
+                row(f"{name}: logits vs glm4 bf16 (64 positions)", f"max |diff| {err:.1%} of max |logit|, "
                     f"top-1 agrees {top1:.0%}")  # fmt: skip
 
         # Batch 1: decode rate and roofline fraction, every variant in turn, round after round. The
         # default paths (bf16: the fused CPU step, or the compiled graph on CUDA; int8/int4: the
-        # compiled graph), then bf16's other two: the compiled graph and the module as it is
-        # (compile=False).
-        variants = {name: (model, None) for name, model in models.items()}
-        variants["glm4 bf16 compiled"] = (models["glm4 bf16"], True)
-        variants["glm4 bf16 eager"] = (models["glm4 bf16"], False)
+        # fused CPU step, or the compiled graph), then bf16's other two: the compiled graph and the
+        # module as it is (compile=False).
+        variants = {f"glm4 {q}": (models[f"glm4 {q}"], None) for q in ("bf16", *quantized) if q in chosen}
+        if "compiled" in chosen:
+            variants["glm4 bf16 compiled"] = (models["glm4 bf16"], True)
+        if "eager" in chosen:
+            variants["glm4 bf16 eager"] = (models["glm4 bf16"], False)
         for model, compile in variants.values():  # warm up (and compile) each path
             glm4_stretches(model, prompt, args.new_tokens, meter, compile)
+        if "eager" in chosen:  # the default path's greedy tokens against the module's
+            fast, module = (greedy_tokens(models["glm4 bf16"], prompt, 32, c) for c in (None, False))
+            agree = next((i for i, (a, b) in enumerate(zip(fast, module, strict=True)) if a != b), len(fast))
+            row("glm4 bf16: greedy tokens, default vs eager", f"the first {agree} of {len(fast)} agree")
         names = [*variants, *(["transformers bf16"] if hf is not None else [])]
         timings: dict[str, list[Stretches]] = {name: [] for name in names}
         for _ in range(args.rounds):
@@ -300,7 +365,7 @@ def main() -> None:
             )
         ratios = (
             {f"{name} decode batch 1": rate[name] / rate["transformers bf16"] for name in variants}
-            if hf
+            if hf is not None
             else {}
         )
         for what, (mine, theirs) in pairs.items():
@@ -319,6 +384,10 @@ def main() -> None:
             for what, ratio in ratios.items():
                 print(f"  {what}: {ratio:.2f}x")
     print(f"peak resident memory of this process: {peak_rss_mib():,.0f} MiB")
+    if device == "cuda":
+        print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+        print(f"compiled steps that ran without CUDA graphs: {skips}")
     sys.stdout.flush()
 
 

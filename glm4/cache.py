@@ -22,6 +22,22 @@ def kv_layout(model: torch.nn.Module) -> tuple[int, int, int]:
     return len(layers), attn.k_proj.out_features // attn.head_dim, attn.head_dim
 
 
+def cache_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros for one layer's keys or values: on huge pages on the CPU; elsewhere marked as a static
+    address, because CUDA graphs (the compiled decode step on the GPU) run a graph that writes
+    into its inputs only where their addresses are known to stay, and skip the graph otherwise."""
+    t = hugepages.zeros(shape, dtype, device)
+    if t.device.type != "cpu":
+        torch._dynamo.mark_static_address(t)
+    return t
+
+
+def reuses_buffers(device: torch.device) -> bool:
+    """Whether generations on `device` reuse static caches (`StaticCache.borrow`): where CUDA graphs
+    may record them, so off the CPU."""
+    return device.type != "cpu"
+
+
 class KVCache:
     """The interface the model relies on."""
 
@@ -96,8 +112,8 @@ class StaticCache(KVCache):
         device: torch.device | str,
     ) -> None:
         shape = (batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = [hugepages.zeros(shape, dtype, device) for _ in range(num_layers)]
-        self.values = [hugepages.zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.keys = [cache_buffer(shape, dtype, device) for _ in range(num_layers)]
+        self.values = [cache_buffer(shape, dtype, device) for _ in range(num_layers)]
         self.max_length = max_length
         self.length = 0
 
@@ -106,6 +122,28 @@ class StaticCache(KVCache):
         """A cache shaped for `model`'s attention layers (their local head counts under tensor parallel)."""
         layers, kv_heads, head_dim = kv_layout(model)
         return cls(layers, batch_size, kv_heads, max_length, head_dim, model.dtype, model.device)
+
+    @classmethod
+    def borrow(cls, model: torch.nn.Module, batch_size: int, max_length: int) -> StaticCache:
+        """`for_model`, but off the CPU a cache of this shape that an earlier generation gave back
+        (`give_back`) is reused, emptied. CUDA graphs are recorded for the cache's addresses: a new
+        cache per generation would re-record the graph every time, and past torch's limit of
+        re-recordings the step would run without graphs. The CPU allocates afresh (no graphs)."""
+        free = model.__dict__.setdefault("_free_static_caches", {}).get((batch_size, max_length))
+        if not reuses_buffers(model.device) or not free:
+            return cls.for_model(model, batch_size, max_length)
+        cache = free.pop()
+        for t in (*cache.keys, *cache.values):
+            t.zero_()
+        cache.length = 0
+        return cache
+
+    def give_back(self, model: torch.nn.Module) -> None:
+        """The generation that borrowed this cache is over: keep it for the next one (off the CPU)."""
+        if reuses_buffers(model.device):
+            batch_size, max_length = self.keys[0].shape[0], self.max_length
+            model.__dict__.setdefault("_free_static_caches", {}).setdefault((batch_size, max_length), [])
+            model._free_static_caches[(batch_size, max_length)].append(self)
 
     def get_seq_length(self) -> int:
         return self.length

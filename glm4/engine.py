@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glm4 import hugepages, sampling
-from glm4.cache import KVCache, kv_layout
+from glm4 import sampling
+from glm4.cache import KVCache, cache_buffer, kv_layout
 from glm4.generation import decode_step_for, pack_for, prefill, step_mask
 from glm4.sampling import SamplingParams, sample_next
 
@@ -91,8 +91,8 @@ class SlotCache(KVCache):
         layers, kv_heads, head_dim = kv_layout(model)
         shape = (slots, kv_heads, max_length, head_dim)
         device, dtype = model.device, model.dtype
-        self.keys = [hugepages.zeros(shape, dtype, device) for _ in range(layers)]
-        self.values = [hugepages.zeros(shape, dtype, device) for _ in range(layers)]
+        self.keys = [cache_buffer(shape, dtype, device) for _ in range(layers)]
+        self.values = [cache_buffer(shape, dtype, device) for _ in range(layers)]
         self.rows = torch.arange(slots, device=device)
         self.lengths = [0] * slots
         self.max_length = max_length

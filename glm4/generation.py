@@ -82,7 +82,7 @@ def stream_tokens(
     # Left padding: a row's first real token is position 0 (padding positions do not matter).
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     if cache == "static":
-        kv = StaticCache.for_model(model, B, _bucket(T + max_new_tokens))
+        kv = StaticCache.borrow(model, B, _bucket(T + max_new_tokens))
     else:
         kv = DynamicCache()
     compile = compile if cache == "static" else False
@@ -96,44 +96,48 @@ def stream_tokens(
         counts = torch.zeros(B, config.vocab_size, device=device)
     unfinished = [True] * B
     generated: list[list[int]] = [[] for _ in range(B)]
-    with torch.inference_mode():
-        logits = prefill(model, input_ids, attention_mask, positions, kv, prefill_chunk)
-        # Which cache slots hold real tokens: the prompt's, then each generated one as it is written.
-        width = kv.kv_length(0)
-        key_mask = torch.zeros(B, width, dtype=torch.bool, device=device)
-        key_mask[:, :T] = attention_mask.bool()
-        position = positions[:, -1:]
-        for i in range(max_new_tokens):
-            token = sample_next(logits, params, seen, counts, generator)
-            if not all(unfinished):
-                token = torch.where(torch.tensor(unfinished, device=device), token, pad_token_id)
-            yield token
-            if counts is not None:
-                live = torch.tensor(unfinished, device=device, dtype=torch.float)
-                counts.scatter_add_(-1, token[:, None], live[:, None])
-            # The bookkeeping on Python ints: after a step has streamed the weights through the
-            # caches, every small tensor op here costs tens of microseconds.
-            for row, t in enumerate(token.tolist()):
-                if not unfinished[row]:
-                    continue
-                if t in stop_ids:
-                    unfinished[row] = False
-                elif stop_check is not None:
-                    generated[row].append(t)
-                    unfinished[row] = not stop_check(row, generated[row])
-            if not any(unfinished) or i == max_new_tokens - 1:
-                return
-            if seen is not None:
-                seen = torch.cat([seen, token[:, None]], dim=-1)
-            position = position + 1
-            slot = kv.get_seq_length()
-            if cache == "static":
-                key_mask[:, slot] = True
-            else:
-                key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=-1)
-            mask = step_mask(key_mask, slot + 1, compiled)
-            logits = step(token[:, None], position, mask, kv, torch.tensor([slot], device=device))
-            kv.advance(1)
+    try:
+        with torch.inference_mode():
+            logits = prefill(model, input_ids, attention_mask, positions, kv, prefill_chunk)
+            # Which cache slots hold real tokens: the prompt's, then each generated one as written.
+            width = kv.kv_length(0)
+            key_mask = torch.zeros(B, width, dtype=torch.bool, device=device)
+            key_mask[:, :T] = attention_mask.bool()
+            position = positions[:, -1:]
+            for i in range(max_new_tokens):
+                token = sample_next(logits, params, seen, counts, generator)
+                if not all(unfinished):
+                    token = torch.where(torch.tensor(unfinished, device=device), token, pad_token_id)
+                yield token
+                if counts is not None:
+                    live = torch.tensor(unfinished, device=device, dtype=torch.float)
+                    counts.scatter_add_(-1, token[:, None], live[:, None])
+                # The bookkeeping on Python ints: after a step has streamed the weights through the
+                # caches, every small tensor op here costs tens of microseconds.
+                for row, t in enumerate(token.tolist()):
+                    if not unfinished[row]:
+                        continue
+                    if t in stop_ids:
+                        unfinished[row] = False
+                    elif stop_check is not None:
+                        generated[row].append(t)
+                        unfinished[row] = not stop_check(row, generated[row])
+                if not any(unfinished) or i == max_new_tokens - 1:
+                    return
+                if seen is not None:
+                    seen = torch.cat([seen, token[:, None]], dim=-1)
+                position = position + 1
+                slot = kv.get_seq_length()
+                if cache == "static":
+                    key_mask[:, slot] = True
+                else:
+                    key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=-1)
+                mask = step_mask(key_mask, slot + 1, compiled)
+                logits = step(token[:, None], position, mask, kv, torch.tensor([slot], device=device))
+                kv.advance(1)
+    finally:
+        if isinstance(kv, StaticCache):
+            kv.give_back(model)
 
 
 def step_mask(key_mask: torch.Tensor, filled: int, compiled: bool) -> torch.Tensor:

@@ -2,9 +2,12 @@
 
 import pytest
 import torch
-from helpers import random_ids, tiny_lm
+from helpers import random_ids, tiny_config, tiny_lm
 
-from glm4 import DynamicCache
+from glm4 import DynamicCache, Glm4ForCausalLM
+from glm4 import cache as cache_module
+from glm4.cache import StaticCache
+from glm4.generation import stream_tokens
 
 
 @pytest.mark.parametrize("prefill", [1, 5, 9])
@@ -77,3 +80,46 @@ def test_crop_forgets_the_tail():
         assert cache.get_seq_length() == 6
         tail = model(ids[:, 6:], past_key_values=cache).logits
         assert (tail - model(ids).logits[:, 6:]).abs().max() <= 1e-5
+
+
+def test_static_cache_off_the_cpu_is_marked_static_and_reused():
+    """On an accelerator a generation borrows the cache an earlier one gave back (CUDA graphs are
+    recorded for its addresses), and its buffers are marked as static addresses for them."""
+    with torch.device("meta"):
+        model = Glm4ForCausalLM(tiny_config())
+    first = StaticCache.borrow(model, 2, 16)
+    assert all(getattr(t, "_dynamo_static_input_type", None) for t in (*first.keys, *first.values))
+    second = StaticCache.borrow(model, 2, 16)  # the first is still in use
+    assert second is not first
+    first.length = 5
+    first.give_back(model)
+    assert StaticCache.borrow(model, 2, 16) is first and first.length == 0
+    assert StaticCache.borrow(model, 1, 16) is not first  # another shape
+
+
+def test_static_cache_on_the_cpu_is_fresh_each_time():
+    model = tiny_lm()
+    cache = StaticCache.borrow(model, 1, 16)
+    cache.give_back(model)
+    again = StaticCache.borrow(model, 1, 16)
+    assert again is not cache
+    assert not hasattr(again.keys[0], "_dynamo_static_input_type")
+
+
+def test_generation_on_a_reused_cache_equals_a_fresh_one(monkeypatch):
+    """A borrowed cache holds the last generation's keys: they are cleared, never attended to."""
+    model = tiny_lm()
+    prompts = [random_ids(2, 9, seed=1), random_ids(2, 5, seed=2)]
+
+    def run(prompt):
+        steps = stream_tokens(model, prompt, max_new_tokens=8, eos_token_id=[], compile=False)
+        return torch.stack(list(steps), dim=1)
+
+    fresh = [run(p) for p in prompts]
+    monkeypatch.setattr(cache_module, "reuses_buffers", lambda device: True)
+    run(prompts[0])
+    (held,) = model._free_static_caches[(2, 512)]
+    assert held.keys[0].abs().sum() > 0  # the last generation's keys are still there
+    for prompt, expected in zip(prompts, fresh, strict=True):
+        assert torch.equal(run(prompt), expected)
+    assert model._free_static_caches[(2, 512)] == [held]  # one cache served every generation
