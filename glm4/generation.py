@@ -261,7 +261,12 @@ def compiled_step(model: torch.nn.Module):
     if step is None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         if model.device.type == "cuda":
-            step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+            # CUDA graphs (mode "reduce-overhead"), and one-row matmuls as reductions: coordinate
+            # descent tuning both turns that on (inductor's mm decomposition asks for it) and tunes
+            # them for bandwidth. They fuse with the int8/int4 dequantization, which the library
+            # matmul would otherwise read back from a bf16 copy of the weight written every step.
+            options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+            step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)
         else:
             if model.dtype == torch.bfloat16:
                 kernels.available()  # build the CPU kernels now: tracing cannot
