@@ -51,7 +51,14 @@ def hf_twin(model: torch.nn.Module, hf_class_name: str = "Glm4ForCausalLM"):
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected, unexpected
     assert all("rotary" in k for k in missing), missing
-    return hf.to(model.dtype).eval()
+    # Rope frequencies stay float32, as transformers' from_pretrained leaves them in any dtype (its
+    # `.to` would round them; glm4's keeps them).
+    frequencies = {name: t for name, t in hf.named_buffers() if name.endswith("inv_freq")}
+    hf = hf.to(model.dtype)
+    for name, t in frequencies.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(hf.get_submodule(owner), attr, t)
+    return hf.eval()
 
 
 def tiny_lm(seed: int = 0, **overrides) -> Glm4ForCausalLM:

@@ -104,6 +104,23 @@ def assert_greedy_continuation(model, ids, attention_mask, tokens) -> None:
     assert (picked >= top - 0.02 * logits.abs().amax()).all(), (top - picked).max()
 
 
+def assert_apart_only_at_a_near_tie(model, ids, attention_mask, ours, theirs) -> None:
+    """Two free-running greedy generations (B, N) agree until, in a row, their picks are a near-tie
+    of the module's logits after the tokens they share: within 2% of the largest logit."""
+    for row in range(ours.shape[0]):
+        differ = (ours[row] != theirs[row]).nonzero()
+        if len(differ) == 0:
+            continue
+        at = int(differ[0])
+        assert at > 0  # the first token comes from the prompt, on one path
+        shared = torch.cat([ids[row : row + 1], ours[row : row + 1, :at]], dim=1)
+        mask = torch.cat([attention_mask[row : row + 1], torch.ones(1, at, dtype=torch.long)], dim=1)
+        with torch.inference_mode():
+            logits = model(shared, attention_mask=mask).logits[0, -1].float()
+        gap = (logits[ours[row, at]] - logits[theirs[row, at]]).abs()
+        assert gap <= 0.02 * logits.abs().max(), (row, at, gap)
+
+
 @needs_fused
 @pytest.mark.parametrize("batch,quantization", [(1, None), (2, None), (2, "int8"), (1, "int4")])
 def test_generate_takes_the_fused_step_by_default(batch, quantization):
@@ -127,7 +144,8 @@ def test_generate_takes_the_fused_step_by_default(batch, quantization):
     assert model.packable_bytes() > 0 or quantization  # the plain weights only: no packed copy
     assert_greedy_continuation(model, ids, attention_mask, default)
     module, module_calls = generated(False)
-    assert module_calls == 0 and torch.equal(default[:, :8], module[:, :8])  # apart before near-ties
+    assert module_calls == 0
+    assert_apart_only_at_a_near_tie(model, ids, attention_mask, default, module)
 
 
 @needs_fused

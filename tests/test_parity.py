@@ -125,3 +125,17 @@ def test_blocked_causal_attention_equals_one_call(length):
     k, v = (torch.randn(2, 2, length, 16, generator=g) for _ in range(2))
     whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert (causal_prompt_attention(q, k, v, 16**-0.5) - whole).abs().max() <= 1e-5
+
+
+def test_rope_frequencies_stay_float32_when_the_model_is_cast(tmp_path):
+    """`model.to(torch.bfloat16)` gives the numbers of loading in bf16: the frequencies stay float32."""
+    from glm4 import Glm4ForCausalLM
+
+    model = tiny_lm()
+    model.save_pretrained(tmp_path)
+    cast = model.to(torch.bfloat16)
+    assert cast.model.rotary_emb.inv_freq.dtype == torch.float32
+    loaded = Glm4ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ids = random_ids(1, 60)
+    with torch.no_grad():
+        assert torch.equal(cast(ids).logits, loaded(ids).logits)
