@@ -38,6 +38,11 @@ def reuses_buffers(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def _free_caches(model: torch.nn.Module) -> dict[tuple[int, int], list[StaticCache]]:
+    """The static caches given back to `model`, by (batch size, length); kept on the model."""
+    return model.__dict__.setdefault("_free_static_caches", {})
+
+
 class KVCache:
     """The interface the model relies on."""
 
@@ -129,7 +134,7 @@ class StaticCache(KVCache):
         (`give_back`) is reused, emptied. CUDA graphs are recorded for the cache's addresses: a new
         cache per generation would re-record the graph every time, and past torch's limit of
         re-recordings the step would run without graphs. The CPU allocates afresh (no graphs)."""
-        free = model.__dict__.setdefault("_free_static_caches", {}).get((batch_size, max_length))
+        free = _free_caches(model).get((batch_size, max_length))
         if not reuses_buffers(model.device) or not free:
             return cls.for_model(model, batch_size, max_length)
         cache = free.pop()
@@ -141,9 +146,7 @@ class StaticCache(KVCache):
     def give_back(self, model: torch.nn.Module) -> None:
         """The generation that borrowed this cache is over: keep it for the next one (off the CPU)."""
         if reuses_buffers(model.device):
-            batch_size, max_length = self.keys[0].shape[0], self.max_length
-            model.__dict__.setdefault("_free_static_caches", {}).setdefault((batch_size, max_length), [])
-            model._free_static_caches[(batch_size, max_length)].append(self)
+            _free_caches(model).setdefault((self.keys[0].shape[0], self.max_length), []).append(self)
 
     def get_seq_length(self) -> int:
         return self.length
