@@ -43,7 +43,10 @@ def main() -> None:
     if args.quantize:
         model = quantize(model, args.quantize)
     prompt = torch.randint(0, 151552, (args.batch, 32), device=device)
-    generate = lambda: stream_tokens(model, prompt, max_new_tokens=args.steps + 1, eos_token_id=[])  # noqa: E731
+
+    def generate():
+        return stream_tokens(model, prompt, max_new_tokens=args.steps + 1, eos_token_id=[])
+
     for _ in generate():  # warm up (and compile) the default path
         pass
 

@@ -134,8 +134,8 @@ class StaticCache(KVCache):
         (`give_back`) is reused, emptied. CUDA graphs are recorded for the cache's addresses: a new
         cache per generation would re-record the graph every time, and past torch's limit of
         re-recordings the step would run without graphs. The CPU allocates afresh (no graphs)."""
-        free = _free_caches(model).get((batch_size, max_length))
-        if not reuses_buffers(model.device) or not free:
+        free = _free_caches(model).get((batch_size, max_length)) if reuses_buffers(model.device) else None
+        if not free:
             return cls.for_model(model, batch_size, max_length)
         cache = free.pop()
         for t in (*cache.keys, *cache.values):
