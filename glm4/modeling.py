@@ -290,22 +290,49 @@ def causal_mask(
     return mask
 
 
+# How a decode step attends where the CPU kernel does not run (CUDA; float32 models): see
+# `decode_attention` and `Glm4PreTrainedModel.set_decode_attention`.
+DECODE_ATTENTION = ("einsum", "sdpa", "reduce")
+
+
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    how: str = "einsum",
 ) -> torch.Tensor:
-    """Attention of one query per row (decoding). On the CPU in bf16 a hand-written kernel reads the
-    cache as it is (see kernels.py); elsewhere it is written out, as the library kernel's setup costs
-    more than the arithmetic at this size. GQA groups share their KV head."""
+    """Attention of one query per row (decoding). GQA groups share their KV head.
+
+    On the CPU in bf16 a hand-written kernel reads the cache as it is (see kernels.py). Elsewhere
+    `how` says how: "einsum" (the default) writes it out as two float32 matmuls, as the library
+    kernel's setup costs more than the arithmetic at this size; "sdpa" takes torch's fused
+    attention in the inputs' dtype, a KV head's group of query heads as its queries; "reduce" is the
+    einsums as float32 multiply-reduces, which inductor can fuse with the conversions and the mask
+    into few kernels (eager, it holds a (group x keys x head_dim) product: a compiled step only).
+    The last two are candidates for the compiled CUDA step, not yet measured on a GPU.
+    """
     if kernels.can_decode(q, k, v):
         return kernels.decode_attention(q, k, v, mask, scale)
     B, H, _, D = q.shape
-    groups = H // k.shape[1]
-    q = q.view(B, -1, groups, D).float()  # (B, H_kv, G, D)
-    scores = torch.einsum("bhgd,bhsd->bhgs", q, k.float()) * scale
+    q = q.view(B, k.shape[1], -1, D)  # (B, H_kv, G, D): the query heads that share a KV head
+    if how == "sdpa":  # mask (B, 1, 1, S) broadcasts over KV heads and their groups
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).reshape(B, H, 1, D)
+    dtype = v.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    if how == "reduce":
+        scores = (q[:, :, :, None] * k[:, :, None]).sum(-1) * scale
+    else:
+        scores = torch.einsum("bhgd,bhsd->bhgs", q, k) * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts
+        scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(-1)
-    return torch.einsum("bhgs,bhsd->bhgd", probs, v.float()).to(v.dtype).reshape(B, H, 1, D)
+    if how == "reduce":
+        out = (probs[..., None] * v[:, :, None]).sum(-2)
+    else:
+        out = torch.einsum("bhgs,bhsd->bhgd", probs, v)
+    return out.to(dtype).reshape(B, H, 1, D)
 
 
 CAUSAL_BLOCK = 256
@@ -340,6 +367,8 @@ def causal_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
 
 class Glm4Attention(nn.Module):
+    decode_with = "einsum"  # how decode steps attend off the CPU kernel (see `decode_attention`)
+
     def __init__(self, config: Glm4Config, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -372,7 +401,7 @@ class Glm4Attention(nn.Module):
         if T == 1 and not self.training:
             if mask is not None:  # the mask's width: the whole cache, or only its filled part
                 k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
-            out = decode_attention(q, k, v, mask, self.scaling)
+            out = decode_attention(q, k, v, mask, self.scaling, self.decode_with)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         width = mask.shape[-1] if mask is not None else T
         if k.shape[2] > width:  # a preallocated cache: only its filled part
@@ -477,6 +506,16 @@ class Glm4PreTrainedModel(nn.Module, PretrainedMixin):
         `generate` and the serving engine call this themselves for batches when the copy fits in
         the memory available."""
         return sum(m.pack() for m in self.modules() if isinstance(m, Linear))
+
+    def set_decode_attention(self, how: str) -> None:
+        """How decode steps attend where the CPU kernel does not run (on CUDA, or in float32): one
+        of `DECODE_ATTENTION`, "einsum" by default (see `decode_attention`). A step compiled
+        before recompiles on its next call."""
+        if how not in DECODE_ATTENTION:
+            raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)}, got {how!r}")
+        for m in self.modules():
+            if isinstance(m, Glm4Attention):
+                m.decode_with = how
 
     def unpack_weights(self) -> None:
         """Drop the packed copies made by `pack_weights`."""

@@ -112,9 +112,9 @@ def attention_widths(monkeypatch) -> list[int]:
     widths: list[int] = []
     attend = glm4.modeling.decode_attention
 
-    def spy(q, k, v, mask, scale):
+    def spy(q, k, v, *args):
         widths.append(k.shape[2])
-        return attend(q, k, v, mask, scale)
+        return attend(q, k, v, *args)
 
     monkeypatch.setattr(glm4.modeling, "decode_attention", spy)
     return widths

@@ -138,3 +138,52 @@ def test_cuda_step_compiles_for_cuda_graphs(monkeypatch, quantization):
     generation.compiled_step(model)
     assert seen["fullgraph"] and seen["dynamic"] is False
     assert seen["options"] == {"triton.cudagraphs": True, "coordinate_descent_tuning": bool(quantization)}
+
+
+@pytest.mark.parametrize("how", ["einsum", "sdpa", "reduce"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_ways_agree_with_float64(how, dtype, monkeypatch):
+    """Each way `decode_attention` can attend off the CPU kernel (CUDA candidates) against the same
+    in float64: groups of 1 and 4 query heads a KV head, keys as views of a longer cache, masks
+    with hidden slots (left padding, unfilled tail)."""
+    from glm4 import kernels
+    from glm4.modeling import decode_attention
+
+    monkeypatch.setattr(kernels, "can_decode", lambda *args: False)
+    g = torch.Generator().manual_seed(0)
+    for group in (1, 4):
+        q = torch.randn(3, 2 * group, 1, 64, generator=g).to(dtype)
+        cache = torch.randn(2, 3, 2, 50, 64, generator=g).mul(2).to(dtype)
+        k, v = cache[0, :, :, :40], cache[1, :, :, :40]
+        mask = torch.ones(3, 1, 1, 40, dtype=torch.bool)
+        mask[0, ..., :7] = False  # left padding
+        mask[1, ..., 30:] = False  # slots not yet written
+        qg = q.double().view(3, 2, group, 64)
+        scores = (qg @ k.double().transpose(-1, -2) * 0.125).masked_fill(~mask, float("-inf"))
+        exact = (scores.softmax(-1) @ v.double()).reshape(3, 2 * group, 1, 64)
+        out = decode_attention(q, k, v, mask, 0.125, how)
+        assert out.dtype == dtype and out.shape == exact.shape
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        assert (out.double() - exact).abs().max() <= tolerance * exact.abs().max()
+
+
+@pytest.mark.parametrize("how", ["sdpa", "reduce"])
+def test_compiled_step_with_each_decode_attention_equals_eager(how):
+    """The candidates compile into the decode step (fullgraph, one graph) and give the eager
+    module's greedy tokens; `set_decode_attention` reaches every layer and rejects unknown ways."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_lm(seed=1, initializer_range=0.2)  # float32: the CPU kernel does not run
+    model.set_decode_attention(how)
+    assert {layer.self_attn.decode_with for layer in model.model.layers} == {how}
+    ids, mask = batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    eager = model.generate(ids, compile=False, **kwargs)
+    before = counters["stats"]["unique_graphs"]
+    assert torch.equal(model.generate(ids, compile=True, **kwargs), eager)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    model.set_decode_attention("einsum")
+    assert torch.equal(model.generate(ids, compile=False, **kwargs), eager)
+    with pytest.raises(ValueError, match="must be one of einsum, sdpa, reduce"):
+        model.set_decode_attention("flash")
