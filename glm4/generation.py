@@ -40,6 +40,7 @@ def stream_tokens(
     compile: bool | None = None,
     prefill_chunk: int = 512,
     pack: bool | None = None,
+    overlap: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) per step; a finished row gets pad_token_id.
 
@@ -50,6 +51,11 @@ def stream_tokens(
     prefill_chunk: the prompt is run through the model this many tokens at a time.
     pack: keep the weights in oneDNN's blocked layout for batched CPU decoding too (see
         `pack_weights`); None packs for batches when the copy fits in the memory available.
+    overlap: queue each decode step before the host reads the token it takes (from the second
+        token on), so that on a GPU the loop's own work (stop checks, the next step's inputs, CUDA
+        graph bookkeeping) runs while the device computes. Tokens then come as CPU tensors, and a
+        generation that stops early computes one step it does not use. Off by default: a candidate
+        for CUDA, not yet measured there (it cannot help where the step runs on the host).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(
@@ -95,6 +101,7 @@ def stream_tokens(
     if params.presence_penalty or params.frequency_penalty:
         counts = torch.zeros(B, config.vocab_size, device=device)
     unfinished = [True] * B
+    live = torch.ones(B, dtype=torch.bool, device=device)  # `unfinished` on the device
     generated: list[list[int]] = [[] for _ in range(B)]
     try:
         with torch.inference_mode():
@@ -104,14 +111,39 @@ def stream_tokens(
             key_mask = torch.zeros(B, width, dtype=torch.bool, device=device)
             key_mask[:, :T] = attention_mask.bool()
             position = positions[:, -1:]
+            slot = torch.tensor([kv.get_seq_length()], device=device)
+
+            def decode(token: torch.Tensor) -> torch.Tensor:
+                """Run `token` through the model: the next logits. Only queues work on a GPU."""
+                nonlocal seen, key_mask, position, slot
+                if seen is not None:
+                    seen = torch.cat([seen, token[:, None]], dim=-1)
+                position = position + 1
+                filled = kv.get_seq_length()
+                if cache == "static":
+                    key_mask[:, filled] = True
+                else:
+                    key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=-1)
+                logits = step(token[:, None], position, step_mask(key_mask, filled + 1, compiled), kv, slot)
+                kv.advance(1)
+                slot = slot + 1
+                return logits
+
             for i in range(max_new_tokens):
+                last = i == max_new_tokens - 1
                 token = sample_next(logits, params, seen, counts, generator)
                 if not all(unfinished):
-                    token = torch.where(torch.tensor(unfinished, device=device), token, pad_token_id)
-                yield token
+                    token = torch.where(live, token, pad_token_id)
                 if counts is not None:
-                    live = torch.tensor(unfinished, device=device, dtype=torch.float)
-                    counts.scatter_add_(-1, token[:, None], live[:, None])
+                    counts.scatter_add_(-1, token[:, None], live[:, None].float())
+                # Ahead: the next step is queued before the host reads this token (from the second
+                # on, so that a first compile does not hold back the first token).
+                ahead = overlap and i > 0 and not last
+                if ahead:
+                    read = host_copy(token)
+                    logits = decode(token)
+                    token = read()
+                yield token
                 # The bookkeeping on Python ints: after a step has streamed the weights through the
                 # caches, every small tensor op here costs tens of microseconds.
                 for row, t in enumerate(token.tolist()):
@@ -122,22 +154,33 @@ def stream_tokens(
                     elif stop_check is not None:
                         generated[row].append(t)
                         unfinished[row] = not stop_check(row, generated[row])
-                if not any(unfinished) or i == max_new_tokens - 1:
+                    if not unfinished[row]:
+                        live[row] = False
+                if not any(unfinished) or last:
                     return
-                if seen is not None:
-                    seen = torch.cat([seen, token[:, None]], dim=-1)
-                position = position + 1
-                slot = kv.get_seq_length()
-                if cache == "static":
-                    key_mask[:, slot] = True
-                else:
-                    key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=-1)
-                mask = step_mask(key_mask, slot + 1, compiled)
-                logits = step(token[:, None], position, mask, kv, torch.tensor([slot], device=device))
-                kv.advance(1)
+                if not ahead:
+                    logits = decode(token)
     finally:
         if isinstance(kv, StaticCache):
             kv.give_back(model)
+
+
+def host_copy(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start copying `tensor` to the host; the returned call gives the copy. On CUDA it waits for
+    that copy alone, not for the work queued after it (the next decode step); elsewhere the copy is
+    made at once."""
+    if tensor.device.type != "cuda":
+        copy = tensor.cpu()
+        return lambda: copy
+    copy = tensor.to("cpu", non_blocking=True)  # into pinned memory
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> torch.Tensor:
+        done.synchronize()
+        return copy
+
+    return read
 
 
 def step_mask(key_mask: torch.Tensor, filled: int, compiled: bool) -> torch.Tensor:
@@ -331,6 +374,7 @@ class GenerationMixin:
         compile: bool | None = None,
         prefill_chunk: int = 512,
         pack: bool | None = None,
+        overlap: bool = False,
         **sampling: Any,
     ) -> torch.Tensor:
         """Generate like transformers' `generate`: prompt + new ids (B, T + N).
@@ -338,17 +382,17 @@ class GenerationMixin:
         `sampling` takes the keyword arguments of `generation_kwargs` (do_sample, temperature,
         top_k, top_p, min_p, repetition_penalty, eos_token_id, pad_token_id, seed, generator,
         stop_strings with tokenizer). `streamer` is called with each step's tokens (B,). `cache`,
-        `compile`, `prefill_chunk` and `pack` choose the path (see `stream_tokens`); every path
+        `compile`, `prefill_chunk`, `pack` and `overlap` choose the path (see `stream_tokens`); every path
         gives the same greedy tokens up to near-ties that bf16 rounding in another order tips.
         """
         kwargs = self.generation_kwargs(**sampling)
-        kwargs.update(cache=cache, compile=compile, prefill_chunk=prefill_chunk, pack=pack)
+        kwargs.update(cache=cache, compile=compile, prefill_chunk=prefill_chunk, pack=pack, overlap=overlap)
         steps = []
         for token in stream_tokens(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs):
             steps.append(token)
             if streamer is not None:
                 streamer(token)
-        return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
+        return torch.cat([input_ids, torch.stack(steps, dim=1).to(input_ids.device)], dim=1)
 
     def generation_kwargs(
         self,

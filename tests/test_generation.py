@@ -155,3 +155,100 @@ def test_bad_sampling_values():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         SamplingParams(temperature=-1)
+
+
+def test_overlap_gives_the_same_tokens_as_the_serial_loop():
+    """One step ahead (`overlap=True`), every control that reads the tokens on the host or carries
+    state from step to step gives the serial loop's output: a row stopping at eos while the others go
+    on (then pads), stop strings, repetition/presence/frequency penalties, seeded sampling, the
+    budget; through stream_tokens and generate, on the module and on the compiled step."""
+
+    class Chars:  # a stand-in tokenizer: one character per id
+        def decode(self, ids):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    model = tiny_lm(seed=3, initializer_range=0.2)
+    ids, mask = left_padded_batch()
+    eos, step = early_stopper(model, ids, mask)
+    stop = Chars().decode(model.generate(ids[1:2], max_new_tokens=9, eos_token_id=[eos])[0, 7:].tolist())[4:6]
+    cases = [
+        dict(eos_token_id=[eos], pad_token_id=0),
+        dict(eos_token_id=[eos], pad_token_id=0, compile=True),
+        dict(eos_token_id=[127], stop_strings=[stop], tokenizer=Chars()),
+        dict(eos_token_id=[eos], repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
+        dict(eos_token_id=[eos], do_sample=True, temperature=1.5, top_k=20, seed=7),
+    ]
+    for kwargs in cases:
+        serial = model.generate(ids, attention_mask=mask, max_new_tokens=12, **kwargs)
+        ahead = model.generate(ids, attention_mask=mask, max_new_tokens=12, overlap=True, **kwargs)
+        assert torch.equal(ahead, serial), kwargs
+    assert serial.shape[1] > 7 + 4  # the sampled case ran a while
+    for n in (1, 2, 5):  # the budget, streamed
+        serial = list(stream_tokens(model, ids, mask, max_new_tokens=n, eos_token_id=[]))
+        ahead = list(stream_tokens(model, ids, mask, max_new_tokens=n, eos_token_id=[], overlap=True))
+        assert len(ahead) == n and torch.equal(torch.stack(ahead), torch.stack(serial))
+
+
+def test_overlap_queues_each_step_before_reading_the_token_it_takes(monkeypatch):
+    """The order of work with `overlap=True`: from the second token on, the token's copy to the host
+    starts, the step that consumes it is called, and only then is the copy read; the serial loop
+    reads every token before its step. A stop costs one step whose logits go unused."""
+    from glm4 import generation
+
+    model = tiny_lm(seed=3, initializer_range=0.2)  # larger weights: less repetitive random output
+    events: list[str] = []
+    decode_step = model.decode_step
+
+    def logged_step(*args):
+        events.append("step")
+        return decode_step(*args)
+
+    def logged_copy(tensor):
+        events.append("copy")
+        return lambda: events.append("read") or tensor.cpu()
+
+    monkeypatch.setattr(model, "decode_step", logged_step)
+    monkeypatch.setattr(generation, "host_copy", logged_copy)
+    first = list(stream_tokens(model, random_ids(1, 5), max_new_tokens=4, eos_token_id=[], compile=False))
+    assert events == ["step"] * 3
+    events.clear()
+    ahead = list(stream_tokens(model, random_ids(1, 5), max_new_tokens=4, eos_token_id=[], compile=False,
+                               overlap=True))  # fmt: skip
+    assert events == ["step", "copy", "step", "read", "copy", "step", "read"]
+    assert torch.equal(torch.stack(ahead), torch.stack(first))
+    events.clear()
+    ids = [int(t) for t in first]
+    j = next(j for j in range(1, 4) if ids[j] not in ids[:j])  # stop at the token after ids[j - 1]
+    stopped = list(stream_tokens(model, random_ids(1, 5), max_new_tokens=4, eos_token_id=[ids[j]],
+                                 compile=False, overlap=True))  # fmt: skip
+    assert len(stopped) == j + 1 and events == ["step"] + ["copy", "step", "read"] * j  # the last step unused
+
+
+def test_host_copy_on_cuda_waits_for_its_copy_only(monkeypatch):
+    """On CUDA the token goes to the host without blocking, and an event recorded right after the
+    copy is what reading it waits for (not the stream, which holds the next step by then). Checked
+    with stand-ins for the tensor and the event, as no GPU is at hand."""
+    from glm4 import generation
+
+    log: list[str] = []
+
+    class Event:
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            log.append("synchronize")
+
+    class OnCuda:
+        device = torch.device("cuda")
+
+        def to(self, device, non_blocking=False):
+            log.append(f"to {device} non_blocking={non_blocking}")
+            return "the copy"
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    read = generation.host_copy(OnCuda())
+    assert log == ["to cpu non_blocking=True", "record"]
+    assert read() == "the copy" and log[-1] == "synchronize"
+    cpu = torch.tensor([3, 4])
+    assert torch.equal(generation.host_copy(cpu)(), cpu)
