@@ -12,6 +12,11 @@ median, so that glm4 and transformers meet the same machine.
     python bench/decode.py            # CPU, the small GLM-4 shape
     python bench/decode.py --gpu      # CUDA, the GLM-4-9B shape
     python bench/decode.py --gpu --variants bf16,eager --batches 8 --long 0    # a shorter run
+    python bench/decode.py --gpu --variants bf16,bf16+sdpa,bf16+overlap --batches "" --long 0
+
+A variant is a path (bf16: the default; compiled; eager; int8; int4) with optional candidates for
+the CUDA step after "+": sdpa or reduce (`set_decode_attention`, on a model sharing the weights),
+overlap (`stream_tokens(..., overlap=True)`).
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ import torch
 
 from glm4 import Glm4Config, Glm4ForCausalLM, hugepages
 from glm4.generation import stream_tokens
+from glm4.modeling import DECODE_ATTENTION
 from glm4.quantization import quantize
 
 VARIANTS = ("bf16", "compiled", "eager", "int8", "int4")
+CANDIDATES = tuple(how for how in DECODE_ATTENTION if how != "einsum") + ("overlap",)
 
 SMALL = dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=2,
              head_dim=64, intermediate_size=2816)  # fmt: skip
@@ -148,9 +155,13 @@ def glm4_decode(model, prompt: torch.Tensor, new_tokens: int, device: str) -> tu
     return ttft, prompt.shape[0] * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def glm4_stretches(model, prompt: torch.Tensor, new_tokens: int, meter: Meter, compile=None) -> Stretches:
+def glm4_stretches(
+    model, prompt: torch.Tensor, new_tokens: int, meter: Meter, compile=None, overlap=False
+) -> Stretches:
     timing = Stretches(meter, prompt.shape[0])
-    steps = stream_tokens(model, prompt, max_new_tokens=new_tokens, eos_token_id=[], compile=compile)
+    steps = stream_tokens(
+        model, prompt, max_new_tokens=new_tokens, eos_token_id=[], compile=compile, overlap=overlap
+    )
     for i, _ in enumerate(steps):
         if i == 0:
             timing.start()
@@ -242,9 +253,47 @@ def models_in_memory(config, device: str, quantized: list[str], with_hf: bool, t
     return models, hf
 
 
-def greedy_tokens(model, prompt: torch.Tensor, new_tokens: int, compile) -> list[int]:
-    steps = stream_tokens(model, prompt, max_new_tokens=new_tokens, eos_token_id=[], compile=compile)
+def greedy_tokens(model, prompt: torch.Tensor, new_tokens: int, compile, overlap=False) -> list[int]:
+    steps = stream_tokens(
+        model, prompt, max_new_tokens=new_tokens, eos_token_id=[], compile=compile, overlap=overlap
+    )
     return [int(t[0]) for t in steps]
+
+
+def agreement(a: list[int], b: list[int]) -> str:
+    same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+    return f"the first {same} of {len(a)} agree"
+
+
+def parse_variant(variant: str) -> tuple[str, list[str]]:
+    """A variant's path and candidates ("bf16+sdpa+overlap": bf16, [sdpa, overlap]), or ValueError."""
+    path, *candidates = variant.split("+")
+    if path not in VARIANTS or not set(candidates) <= set(CANDIDATES):
+        raise ValueError(variant)
+    if len([c for c in candidates if c in DECODE_ATTENTION]) > 1:
+        raise ValueError(variant)
+    return path, candidates
+
+
+def sharing_weights(model: Glm4ForCausalLM) -> Glm4ForCausalLM:
+    """Another model object on the same weight tensors, for settings a compiled step specialises on."""
+    return copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+
+
+def variant_rows(chosen: list[str], models: dict) -> dict[str, tuple]:
+    """{row name: (model, compile, overlap)} for glm4's batch-1 rows."""
+    rows = {}
+    for variant in chosen:
+        path, candidates = parse_variant(variant)
+        model = models[f"glm4 {path}"] if path in ("int8", "int4") else models["glm4 bf16"]
+        how = next((c for c in candidates if c in DECODE_ATTENTION), None)
+        if how is not None:
+            model = sharing_weights(model)
+            model.set_decode_attention(how)
+        name = {"compiled": "bf16 compiled", "eager": "bf16 eager"}.get(path, path)
+        compile = {"compiled": True, "eager": False}.get(path)
+        rows[f"glm4 {name}{''.join('+' + c for c in candidates)}"] = (model, compile, "overlap" in candidates)
+    return rows
 
 
 def main() -> None:
@@ -258,17 +307,23 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-quantized", action="store_true")
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"glm4's batch-1 rows, of {','.join(VARIANTS)}"
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"glm4's batch-1 rows: {'|'.join(VARIANTS)}, each with optional +{'/+'.join(CANDIDATES)}",
     )
     parser.add_argument(
         "--in-memory", action="store_true", help="no checkpoint on disk: both models get the same tensors"
     )
     args = parser.parse_args()
     chosen = [v for v in args.variants.split(",") if v]
-    if unknown := set(chosen) - set(VARIANTS):
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    for variant in chosen:
+        try:
+            parse_variant(variant)
+        except ValueError:
+            parser.error(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}, each with optional "
+                         f"+{', +'.join(CANDIDATES)} (one way of attending at most)")  # fmt: skip
     if args.skip_quantized:
-        chosen = [v for v in chosen if v not in ("int8", "int4")]
+        chosen = [v for v in chosen if parse_variant(v)[0] not in ("int8", "int4")]
     args.in_memory = args.in_memory or args.gpu
     device = "cuda" if args.gpu else "cpu"
     shape = GLM4_9B if args.gpu else SMALL
@@ -287,7 +342,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         prompt = torch.randint(0, 151552, (1, args.prompt), device=device)
-        quantized = [q for q in ("int8", "int4") if q in chosen]
+        quantized = [q for q in ("int8", "int4") if q in {parse_variant(v)[0] for v in chosen}]
         if args.in_memory:
             models, hf = models_in_memory(config, device, quantized, not args.skip_transformers, tmp)
         else:
@@ -305,26 +360,30 @@ def main() -> None:
                 row(f"{name}: logits vs glm4 bf16 (64 positions)", f"max |diff| {err:.1%} of max |logit|, "
                     f"top-1 agrees {top1:.0%}")  # fmt: skip
 
-        # Batch 1: decode rate and roofline fraction, every variant in turn, round after round. The
+        # Batch 1: decode rate and roofline fraction, every variant in turn, round after round: the
         # default paths (bf16: the fused CPU step, or the compiled graph on CUDA; int8/int4: the
-        # fused CPU step, or the compiled graph), then bf16's other two: the compiled graph and the
-        # module as it is (compile=False).
-        variants = {f"glm4 {q}": (models[f"glm4 {q}"], None) for q in ("bf16", *quantized) if q in chosen}
-        if "compiled" in chosen:
-            variants["glm4 bf16 compiled"] = (models["glm4 bf16"], True)
-        if "eager" in chosen:
-            variants["glm4 bf16 eager"] = (models["glm4 bf16"], False)
-        for model, compile in variants.values():  # warm up (and compile) each path
-            glm4_stretches(model, prompt, args.new_tokens, meter, compile)
-        if "eager" in chosen:  # the default path's greedy tokens against the module's
-            fast, module = (greedy_tokens(models["glm4 bf16"], prompt, 32, c) for c in (None, False))
-            agree = next((i for i, (a, b) in enumerate(zip(fast, module, strict=True)) if a != b), len(fast))
-            row("glm4 bf16: greedy tokens, default vs eager", f"the first {agree} of {len(fast)} agree")
+        # fused CPU step, or the compiled graph), bf16's other two (the compiled graph and the
+        # module as it is, compile=False), and any of them with candidates for the CUDA step.
+        variants = variant_rows(chosen, models)
+        for model, compile, overlap in variants.values():  # warm up (and compile) each path
+            glm4_stretches(model, prompt, args.new_tokens, meter, compile, overlap)
+        default = greedy_tokens(models["glm4 bf16"], prompt, 32, None)
+        for name, (model, compile, overlap) in variants.items():
+            if name == "glm4 bf16 eager":  # the default path's greedy tokens against the module's
+                row(
+                    "glm4 bf16: greedy tokens, default vs eager",
+                    agreement(default, greedy_tokens(model, prompt, 32, False)),
+                )
+            elif "+" in name:
+                row(
+                    f"{name}: greedy tokens vs glm4 bf16",
+                    agreement(greedy_tokens(model, prompt, 32, compile, overlap), default),
+                )
         names = [*variants, *(["transformers bf16"] if hf is not None else [])]
         timings: dict[str, list[Stretches]] = {name: [] for name in names}
         for _ in range(args.rounds):
-            for name, (model, compile) in variants.items():
-                timings[name].append(glm4_stretches(model, prompt, args.new_tokens, meter, compile))
+            for name, (model, compile, overlap) in variants.items():
+                timings[name].append(glm4_stretches(model, prompt, args.new_tokens, meter, compile, overlap))
             if hf is not None:
                 with torch.inference_mode():
                     timings["transformers bf16"].append(hf_stretches(hf, prompt, args.new_tokens, meter))

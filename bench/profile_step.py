@@ -8,6 +8,7 @@ measured streaming bandwidth.
 
     python bench/profile_step.py          # CPU, bench/decode.py's small GLM-4 shape
     python bench/profile_step.py --gpu    # CUDA, the GLM-4-9B shape
+    python bench/profile_step.py --gpu --attention sdpa --overlap    # with candidates for the CUDA step
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from glm4 import Glm4Config, Glm4ForCausalLM
 from glm4.generation import stream_tokens
+from glm4.modeling import DECODE_ATTENTION
 from glm4.quantization import quantize
 
 
@@ -32,6 +34,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=32, help="decode steps profiled")
     parser.add_argument("--top", type=int, default=20, help="kernels (or CPU ops) listed")
+    parser.add_argument("--attention", choices=DECODE_ATTENTION, default="einsum",
+                        help="how the step attends off the CPU kernel (set_decode_attention)")  # fmt: skip
+    parser.add_argument("--overlap", action="store_true", help="queue each step before reading its token")
     args = parser.parse_args()
     device = "cuda" if args.gpu else "cpu"
     shape = GLM4_9B if args.gpu else SMALL
@@ -42,10 +47,13 @@ def main() -> None:
         model = Glm4ForCausalLM(config).to(torch.bfloat16).eval()
     if args.quantize:
         model = quantize(model, args.quantize)
+    model.set_decode_attention(args.attention)
     prompt = torch.randint(0, 151552, (args.batch, 32), device=device)
 
     def generate():
-        return stream_tokens(model, prompt, max_new_tokens=args.steps + 1, eos_token_id=[])
+        return stream_tokens(
+            model, prompt, max_new_tokens=args.steps + 1, eos_token_id=[], overlap=args.overlap
+        )
 
     for _ in generate():  # warm up (and compile) the default path
         pass
@@ -73,7 +81,8 @@ def main() -> None:
     busy = sum(totals.values()) / args.steps / 1e6
     bandwidth = Meter(device).read()
     ideal = weight_bytes_per_token(model) / bandwidth
-    print(f"device: {device}, batch {args.batch}, {args.quantize or 'bf16'}, {args.steps} steps profiled")
+    print(f"device: {device}, batch {args.batch}, {args.quantize or 'bf16'}, attention {args.attention}, "
+          f"overlap {'on' if args.overlap else 'off'}, {args.steps} steps profiled")  # fmt: skip
     print(f"wall time per step:        {wall * 1e3:8.3f} ms")
     what = "kernel time per step" if args.gpu else "op self time per step"
     print(f"{what + ':':<27}{busy * 1e3:8.3f} ms ({busy / wall:.0%} of the wall time)")
