@@ -15,8 +15,8 @@ median, so that glm4 and transformers meet the same machine.
     python bench/decode.py --gpu --variants bf16,bf16+sdpa,bf16+overlap --batches "" --long 0
 
 A variant is a path (bf16: the default; compiled; eager; int8; int4) with optional candidates for
-the CUDA step after "+": sdpa or reduce (`set_decode_attention`, on a model sharing the weights),
-overlap (`stream_tokens(..., overlap=True)`).
+the CUDA step after "+": sdpa or reduce (`set_decode_attention`), qkv (`fuse_qkv`), each on a model
+object sharing the weights; overlap (`stream_tokens(..., overlap=True)`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from glm4.modeling import DECODE_ATTENTION
 from glm4.quantization import quantize
 
 VARIANTS = ("bf16", "compiled", "eager", "int8", "int4")
-CANDIDATES = tuple(how for how in DECODE_ATTENTION if how != "einsum") + ("overlap",)
+CANDIDATES = (*(how for how in DECODE_ATTENTION if how != "einsum"), "qkv", "overlap")
 
 SMALL = dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=2,
              head_dim=64, intermediate_size=2816)  # fmt: skip
@@ -276,19 +276,29 @@ def parse_variant(variant: str) -> tuple[str, list[str]]:
 
 
 def sharing_weights(model: Glm4ForCausalLM) -> Glm4ForCausalLM:
-    """Another model object on the same weight tensors, for settings a compiled step specialises on."""
-    return copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+    """Another model object on the same weight tensors (fused q/k/v matrices included), for settings
+    a compiled step specialises on."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for m in model.modules() for t in (getattr(m, "qkv", None) or ()) if t is not None]
+    return copy.deepcopy(model, memo={id(t): t for t in tensors})
 
 
 def variant_rows(chosen: list[str], models: dict) -> dict[str, tuple]:
     """{row name: (model, compile, overlap)} for glm4's batch-1 rows."""
-    rows = {}
+    rows, fused = {}, {}
     for variant in chosen:
         path, candidates = parse_variant(variant)
         model = models[f"glm4 {path}"] if path in ("int8", "int4") else models["glm4 bf16"]
+        if "qkv" in candidates:  # one fused copy of the parameters' views for every such variant
+            if id(model) not in fused:
+                fused[id(model)] = sharing_weights(model)
+                if not fused[id(model)].fuse_qkv():
+                    raise ValueError(f"{variant}: its q, k and v projections cannot be fused (quantized)")
+            model = fused[id(model)]
         how = next((c for c in candidates if c in DECODE_ATTENTION), None)
-        if how is not None:
+        if how is not None or "qkv" in candidates:  # settings the compiled step specialises on
             model = sharing_weights(model)
+        if how is not None:
             model.set_decode_attention(how)
         name = {"compiled": "bf16 compiled", "eager": "bf16 eager"}.get(path, path)
         compile = {"compiled": True, "eager": False}.get(path)
@@ -365,8 +375,12 @@ def main() -> None:
         # fused CPU step, or the compiled graph), bf16's other two (the compiled graph and the
         # module as it is, compile=False), and any of them with candidates for the CUDA step.
         variants = variant_rows(chosen, models)
-        for model, compile, overlap in variants.values():  # warm up (and compile) each path
-            glm4_stretches(model, prompt, args.new_tokens, meter, compile, overlap)
+        for name, (model, compile, overlap) in list(variants.items()):  # warm up (and compile) each path
+            try:
+                glm4_stretches(model, prompt, args.new_tokens, meter, compile, overlap)
+            except Exception as e:  # a candidate that fails here should not cost the run the others
+                row(f"{name}: failed, left out", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                del variants[name]
         default = greedy_tokens(models["glm4 bf16"], prompt, 32, None)
         for name, (model, compile, overlap) in variants.items():
             if name == "glm4 bf16 eager":  # the default path's greedy tokens against the module's

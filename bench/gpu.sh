@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements in one call, sized for a short lease (about 10 minutes with the compiles):
-# where a bf16 GLM-4-9B-shaped decode step's time goes, then the default CUDA step against its
-# candidates (attention through SDPA or fused reductions; the next step queued ahead of the host),
-# with transformers in the same run. Each command is bounded, so one that runs long cannot take the
-# other's time. The output is also written to $OUT/gpu.log when $OUT is set.
+# the default CUDA decode step of a bf16 GLM-4-9B-shaped model against its candidates (attention
+# through SDPA; q, k and v as one matrix; the next step queued ahead of the host; all three), with
+# transformers in the same run, then where the default step's time goes. Each command is bounded,
+# so one that runs long cannot take the other's time. The output is also written to $OUT/gpu.log
+# when $OUT is set.
 #
 #     bash bench/gpu.sh
 set -u
@@ -19,6 +20,7 @@ run() {
 }
 {
     nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader
-    run 170 bench/profile_step.py --gpu --top 30
-    run 400 bench/decode.py --gpu --variants bf16,bf16+sdpa,bf16+reduce,bf16+overlap --batches "" --long 0 --rounds 2
+    run 400 bench/decode.py --gpu --variants bf16,bf16+sdpa,bf16+qkv,bf16+overlap,bf16+sdpa+qkv+overlap \
+        --batches "" --long 0 --rounds 2
+    run 150 bench/profile_step.py --gpu --top 30
 } 2>&1 | tee ${log:-/dev/null}

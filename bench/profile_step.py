@@ -8,7 +8,7 @@ measured streaming bandwidth.
 
     python bench/profile_step.py          # CPU, bench/decode.py's small GLM-4 shape
     python bench/profile_step.py --gpu    # CUDA, the GLM-4-9B shape
-    python bench/profile_step.py --gpu --attention sdpa --overlap    # with candidates for the CUDA step
+    python bench/profile_step.py --gpu --attention sdpa --fuse-qkv --overlap    # with CUDA candidates
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--attention", choices=DECODE_ATTENTION, default="einsum",
                         help="how the step attends off the CPU kernel (set_decode_attention)")  # fmt: skip
     parser.add_argument("--overlap", action="store_true", help="queue each step before reading its token")
+    parser.add_argument("--fuse-qkv", action="store_true", help="q, k and v as one matrix (fuse_qkv)")
     args = parser.parse_args()
     device = "cuda" if args.gpu else "cpu"
     shape = GLM4_9B if args.gpu else SMALL
@@ -48,6 +49,8 @@ def main() -> None:
     if args.quantize:
         model = quantize(model, args.quantize)
     model.set_decode_attention(args.attention)
+    if args.fuse_qkv and not model.fuse_qkv():
+        parser.error("--fuse-qkv: quantized projections cannot be fused")
     prompt = torch.randint(0, 151552, (args.batch, 32), device=device)
 
     def generate():
@@ -82,7 +85,8 @@ def main() -> None:
     bandwidth = Meter(device).read()
     ideal = weight_bytes_per_token(model) / bandwidth
     print(f"device: {device}, batch {args.batch}, {args.quantize or 'bf16'}, attention {args.attention}, "
-          f"overlap {'on' if args.overlap else 'off'}, {args.steps} steps profiled")  # fmt: skip
+          f"overlap {'on' if args.overlap else 'off'}, q/k/v {'fused' if args.fuse_qkv else 'apart'}, "
+          f"{args.steps} steps profiled")  # fmt: skip
     print(f"wall time per step:        {wall * 1e3:8.3f} ms")
     what = "kernel time per step" if args.gpu else "op self time per step"
     print(f"{what + ':':<27}{busy * 1e3:8.3f} ms ({busy / wall:.0%} of the wall time)")

@@ -93,6 +93,8 @@ def stream_tokens(
         kv = DynamicCache()
     compile = compile if cache == "static" else False
     pack_for(model, B, pack, compile)
+    if hasattr(model, "refresh_fused_qkv"):
+        model.refresh_fused_qkv()
     step, kind = decode_step_for(model, B, compile, max_new_tokens)
     compiled = kind == "compiled"
 

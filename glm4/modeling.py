@@ -382,6 +382,74 @@ class Glm4Attention(nn.Module):
         self.v_proj = Linear(hidden, kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(heads * self.head_dim, hidden, bias=False)
 
+    # q, k and v's weights (and biases) as row blocks of one matrix, or None: see `fuse_qkv`.
+    qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def _projections(self) -> tuple[Linear, Linear, Linear]:
+        return self.q_proj, self.k_proj, self.v_proj
+
+    def qkv_is_current(self) -> bool:
+        """Whether the fused matrix still holds the three projections' parameters."""
+        if self.qkv is None or not all(type(p) is Linear for p in self._projections()):
+            return False
+        weight, bias = self.qkv
+        if (bias is None) != (self.q_proj.bias is None):
+            return False
+        rows = 0
+        for p in self._projections():
+            if p.weight.data_ptr() != weight[rows].data_ptr() or p.weight.dtype != weight.dtype:
+                return False
+            if bias is not None and p.bias.data_ptr() != bias[rows].data_ptr():
+                return False
+            rows += p.out_features
+        return True
+
+    def fuse_qkv(self) -> bool:
+        """Keep q, k and v's weights and biases as row blocks of one matrix, which a forward
+        without autograd multiplies in one product (one kernel for three; a candidate for the CUDA
+        step). The three parameters become views into it: no memory is added, and in-place changes
+        (an optimizer step, `load_state_dict`) reach it; `.to()` keeps it. Returns whether it
+        applies: not to quantized (or tensor-parallel replaced) projections."""
+        if self.qkv_is_current():
+            return True
+        self.qkv = None
+        if not all(type(p) is Linear for p in self._projections()):
+            return False
+        weight = torch.cat([p.weight.detach() for p in self._projections()])
+        biases = [p.bias for p in self._projections()]
+        bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+        if bias is None and any(b is not None for b in biases):
+            return False
+        rows = 0
+        for p in self._projections():
+            p.weight.data = weight[rows : rows + p.out_features]
+            if bias is not None:
+                p.bias.data = bias[rows : rows + p.out_features]
+            rows += p.out_features
+        if weight.device.type != "cpu":  # a CUDA graph reads it in place, as the parameters
+            torch._dynamo.mark_static_address(weight)
+            if bias is not None:
+                torch._dynamo.mark_static_address(bias)
+        self.qkv = (weight, bias)
+        return True
+
+    def unfuse_qkv(self) -> None:
+        """Give the three projections parameters of their own again (copies) and drop the matrix."""
+        if self.qkv is not None and self.qkv_is_current():
+            for p in self._projections():
+                p.weight.data = p.weight.data.clone()
+                if p.bias is not None:
+                    p.bias.data = p.bias.data.clone()
+        self.qkv = None
+
+    def _apply(self, fn, recurse=True):
+        """`.to()` and the like give each parameter a new tensor of its own where they change
+        anything: fuse those again after."""
+        super()._apply(fn, recurse)
+        if self.qkv is not None:
+            self.fuse_qkv()
+        return self
+
     def forward(
         self,
         x: torch.Tensor,
@@ -392,9 +460,14 @@ class Glm4Attention(nn.Module):
         cache_position: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.qkv is not None and not torch.is_grad_enabled() and type(self.q_proj) is Linear:
+            sizes = [p.out_features for p in self._projections()]
+            q, k, v = F.linear(x, *self.qkv).split(sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)
@@ -516,6 +589,24 @@ class Glm4PreTrainedModel(nn.Module, PretrainedMixin):
         for m in self.modules():
             if isinstance(m, Glm4Attention):
                 m.decode_with = how
+
+    def fuse_qkv(self, fuse: bool = True) -> int:
+        """Keep each layer's q, k and v projections as one matrix (see `Glm4Attention.fuse_qkv`),
+        or with `fuse=False` as three again. A candidate for the CUDA step, off by default.
+        `generate` re-fuses a layer whose parameters were replaced since, and drops the matrix of
+        one that can no longer be fused (quantized). Returns the layers fused."""
+        layers = [m for m in self.modules() if isinstance(m, Glm4Attention)]
+        if not fuse:
+            for m in layers:
+                m.unfuse_qkv()
+            return 0
+        return sum(m.fuse_qkv() for m in layers)
+
+    def refresh_fused_qkv(self) -> None:
+        """Fuse again the layers fused before whose parameters were replaced since."""
+        for m in self.modules():
+            if isinstance(m, Glm4Attention) and m.qkv is not None and not m.qkv_is_current():
+                m.fuse_qkv()
 
     def unpack_weights(self) -> None:
         """Drop the packed copies made by `pack_weights`."""

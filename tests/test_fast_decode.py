@@ -187,3 +187,99 @@ def test_compiled_step_with_each_decode_attention_equals_eager(how):
     assert torch.equal(model.generate(ids, compile=False, **kwargs), eager)
     with pytest.raises(ValueError, match="must be one of einsum, sdpa, reduce"):
         model.set_decode_attention("flash")
+
+
+def test_fused_qkv_gives_the_same_numbers_and_adds_no_memory(tmp_path):
+    """`fuse_qkv`: q, k and v (with their biases) as one matrix whose row blocks the parameters
+    view. Same logits and greedy tokens (eager and compiled) as unfused; no memory added; in-place
+    changes reach it; `.to()` keeps it (without a copy where nothing changes); autograd takes the
+    three parameters; checkpoints keep the three names; `fuse_qkv(False)` parts them again."""
+    from glm4 import Glm4ForCausalLM
+
+    model, plain = tiny_lm(seed=1, initializer_range=0.2), tiny_lm(seed=1, initializer_range=0.2)
+    assert model.config.attention_bias
+    ids, mask = batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    with torch.no_grad():
+        expected = plain(ids, attention_mask=mask).logits
+    assert model.fuse_qkv() == model.config.num_hidden_layers
+    attn = model.model.layers[0].self_attn
+    weight, bias = attn.qkv
+    assert attn.q_proj.weight.data_ptr() == weight.data_ptr()
+    assert attn.v_proj.bias.data_ptr() == bias[-attn.v_proj.out_features :].data_ptr()
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == len(list(model.parameters())) - 2 * 2 * model.config.num_hidden_layers
+    calls = []
+    hook = attn.k_proj.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        assert torch.allclose(model(ids, attention_mask=mask).logits, expected, atol=1e-5)
+    assert not calls  # one product of the matrix, not the three layers
+    hook.remove()
+    torch._dynamo.reset()
+    assert torch.equal(
+        model.generate(ids, compile=False, **kwargs), plain.generate(ids, compile=False, **kwargs)
+    )
+    assert torch.equal(
+        model.generate(ids, compile=True, **kwargs), plain.generate(ids, compile=False, **kwargs)
+    )
+
+    other = tiny_lm(seed=2, initializer_range=0.2)
+    model.load_state_dict(other.state_dict())  # in place: reaches the fused matrix
+    assert attn.qkv_is_current() and attn.qkv[0] is weight
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, other(ids).logits, atol=1e-5)
+
+    model.to(torch.float32)  # changes nothing: the same matrix
+    assert attn.qkv[0] is weight
+    model.to(torch.bfloat16)
+    assert attn.qkv_is_current() and attn.qkv[0].dtype == torch.bfloat16
+    model.to(torch.float32)
+
+    model.train()
+    hook = attn.k_proj.register_forward_hook(lambda *args: calls.append(1))
+    model(ids, labels=ids).loss.backward()  # with autograd: the three parameters, not the matrix
+    assert calls and attn.q_proj.weight.grad is not None and attn.v_proj.bias.grad is not None
+    hook.remove()
+    model.eval()
+
+    model.save_pretrained(tmp_path)
+    loaded = Glm4ForCausalLM.from_pretrained(tmp_path)
+    assert loaded.model.layers[0].self_attn.qkv is None
+    assert torch.equal(loaded.model.layers[0].self_attn.k_proj.weight, attn.k_proj.weight)
+
+    with torch.no_grad():
+        fused = model(ids).logits
+        model.fuse_qkv(False)
+        assert attn.qkv is None and attn.k_proj.weight.untyped_storage().nbytes() == attn.k_proj.weight.nbytes
+        assert torch.allclose(model(ids).logits, fused, atol=1e-5)
+
+
+def test_fused_qkv_is_dropped_once_the_layers_are_quantized():
+    """Quantizing replaces the projections: the forward stops reading the matrix at once, and the
+    next generation drops it (and a fresh fuse_qkv does not apply to quantized layers)."""
+    from glm4.quantization import quantize
+
+    model, plain = tiny_lm(seed=1), tiny_lm(seed=1)
+    model.fuse_qkv()
+    quantize(model, "int8")
+    quantize(plain, "int8")
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    kwargs = dict(max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(model.generate(ids, **kwargs), plain.generate(ids, **kwargs))
+    assert all(layer.self_attn.qkv is None for layer in model.model.layers)
+    assert model.fuse_qkv() == 0
+
+
+def test_fused_qkv_off_the_cpu_is_marked_static():
+    """A CUDA graph copies an input whose address it cannot trust into its own buffer on every
+    replay; the fused matrix is read in place, as the parameters are (checked on the meta device)."""
+    with torch.device("meta"):
+        model = tiny_lm()
+    model.fuse_qkv()
+    weight, bias = model.model.layers[0].self_attn.qkv
+    assert weight.device.type == "meta" and weight._dynamo_static_input_type and bias._dynamo_static_input_type
+    cpu = tiny_lm()
+    cpu.fuse_qkv()
+    assert not hasattr(cpu.model.layers[0].self_attn.qkv[0], "_dynamo_static_input_type")
