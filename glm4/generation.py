@@ -141,14 +141,16 @@ def stream_tokens(
                 # Ahead: the next step is queued before the host reads this token (from the second
                 # on, so that a first compile does not hold back the first token).
                 ahead = overlap and i > 0 and not last
-                if ahead:
+                shown = token
+                if overlap:  # every token comes as a CPU tensor
                     read = host_copy(token)
-                    logits = decode(token)
-                    token = read()
-                yield token
+                    if ahead:
+                        logits = decode(token)
+                    shown = read()
+                yield shown
                 # The bookkeeping on Python ints: after a step has streamed the weights through the
                 # caches, every small tensor op here costs tens of microseconds.
-                for row, t in enumerate(token.tolist()):
+                for row, t in enumerate(shown.tolist()):
                     if not unfinished[row]:
                         continue
                     if t in stop_ids:

@@ -279,7 +279,9 @@ def test_fused_qkv_off_the_cpu_is_marked_static():
         model = tiny_lm()
     model.fuse_qkv()
     weight, bias = model.model.layers[0].self_attn.qkv
-    assert weight.device.type == "meta" and weight._dynamo_static_input_type and bias._dynamo_static_input_type
+    assert (
+        weight.device.type == "meta" and weight._dynamo_static_input_type and bias._dynamo_static_input_type
+    )
     cpu = tiny_lm()
     cpu.fuse_qkv()
     assert not hasattr(cpu.model.layers[0].self_attn.qkv[0], "_dynamo_static_input_type")

@@ -191,8 +191,9 @@ def test_overlap_gives_the_same_tokens_as_the_serial_loop():
 
 def test_overlap_queues_each_step_before_reading_the_token_it_takes(monkeypatch):
     """The order of work with `overlap=True`: from the second token on, the token's copy to the host
-    starts, the step that consumes it is called, and only then is the copy read; the serial loop
-    reads every token before its step. A stop costs one step whose logits go unused."""
+    starts, the step that consumes it is called, and only then is the copy read; the first and the
+    last token are read before (no step follows the last). Every token comes as the host's copy.
+    The serial loop reads every token before its step. A stop costs one step whose logits go unused."""
     from glm4 import generation
 
     model = tiny_lm(seed=3, initializer_range=0.2)  # larger weights: less repetitive random output
@@ -205,7 +206,9 @@ def test_overlap_queues_each_step_before_reading_the_token_it_takes(monkeypatch)
 
     def logged_copy(tensor):
         events.append("copy")
-        return lambda: events.append("read") or tensor.cpu()
+        copy = tensor.clone()
+        copy.from_host_copy = True
+        return lambda: events.append("read") or copy
 
     monkeypatch.setattr(model, "decode_step", logged_step)
     monkeypatch.setattr(generation, "host_copy", logged_copy)
@@ -214,14 +217,16 @@ def test_overlap_queues_each_step_before_reading_the_token_it_takes(monkeypatch)
     events.clear()
     ahead = list(stream_tokens(model, random_ids(1, 5), max_new_tokens=4, eos_token_id=[], compile=False,
                                overlap=True))  # fmt: skip
-    assert events == ["step", "copy", "step", "read", "copy", "step", "read"]
+    assert events == ["copy", "read", "step", "copy", "step", "read", "copy", "step", "read", "copy", "read"]
     assert torch.equal(torch.stack(ahead), torch.stack(first))
+    assert all(getattr(t, "from_host_copy", False) for t in ahead)  # every token: the host's copy
     events.clear()
     ids = [int(t) for t in first]
     j = next(j for j in range(1, 4) if ids[j] not in ids[:j])  # stop at the token after ids[j - 1]
     stopped = list(stream_tokens(model, random_ids(1, 5), max_new_tokens=4, eos_token_id=[ids[j]],
                                  compile=False, overlap=True))  # fmt: skip
-    assert len(stopped) == j + 1 and events == ["step"] + ["copy", "step", "read"] * j  # the last step unused
+    expected = ["copy", "read", "step"] + ["copy", "step", "read"] * j  # the last step unused
+    assert len(stopped) == j + 1 and events == expected
 
 
 def test_host_copy_on_cuda_waits_for_its_copy_only(monkeypatch):
