@@ -260,6 +260,23 @@ def greedy_tokens(model, prompt: torch.Tensor, new_tokens: int, compile, overlap
     return [int(t[0]) for t in steps]
 
 
+def stepwise_logits(model, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """The module's logits for ids[:, start:], one token at a time on a cache (decode attention,
+    eager): (steps, vocab) in float32."""
+    with torch.inference_mode():
+        out = model(ids[:, :start], use_cache=True)
+        cache, logits = out.past_key_values, []
+        for t in range(start, ids.shape[1]):
+            logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits[0, -1].float())
+    return torch.stack(logits)
+
+
+def logits_agreement(logits: torch.Tensor, reference: torch.Tensor) -> str:
+    err = ((logits - reference).abs().max() / reference.abs().max()).item()
+    top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return f"max |diff| {err:.1%} of max |logit|, top-1 agrees {top1:.0%}"
+
+
 def agreement(a: list[int], b: list[int]) -> str:
     same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
     return f"the first {same} of {len(a)} agree"
@@ -271,6 +288,8 @@ def parse_variant(variant: str) -> tuple[str, list[str]]:
     if path not in VARIANTS or not set(candidates) <= set(CANDIDATES):
         raise ValueError(variant)
     if len([c for c in candidates if c in DECODE_ATTENTION]) > 1:
+        raise ValueError(variant)
+    if "qkv" in candidates and path in ("int8", "int4"):  # quantized projections are not fused
         raise ValueError(variant)
     return path, candidates
 
@@ -292,8 +311,7 @@ def variant_rows(chosen: list[str], models: dict) -> dict[str, tuple]:
         if "qkv" in candidates:  # one fused copy of the parameters' views for every such variant
             if id(model) not in fused:
                 fused[id(model)] = sharing_weights(model)
-                if not fused[id(model)].fuse_qkv():
-                    raise ValueError(f"{variant}: its q, k and v projections cannot be fused (quantized)")
+                fused[id(model)].fuse_qkv()
             model = fused[id(model)]
         how = next((c for c in candidates if c in DECODE_ATTENTION), None)
         if how is not None or "qkv" in candidates:  # settings the compiled step specialises on
@@ -331,7 +349,8 @@ def main() -> None:
             parse_variant(variant)
         except ValueError:
             parser.error(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}, each with optional "
-                         f"+{', +'.join(CANDIDATES)} (one way of attending at most)")  # fmt: skip
+                         f"+{', +'.join(CANDIDATES)} (one way of attending at most; +qkv not on "
+                         "int8/int4)")  # fmt: skip
     if args.skip_quantized:
         chosen = [v for v in chosen if parse_variant(v)[0] not in ("int8", "int4")]
     args.in_memory = args.in_memory or args.gpu
@@ -365,10 +384,7 @@ def main() -> None:
             if hf is not None:
                 others["transformers bf16"] = hf(probe).logits.float()
             for name, logits in others.items():
-                err = ((logits - reference).abs().max() / reference.abs().max()).item()
-                top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-                row(f"{name}: logits vs glm4 bf16 (64 positions)", f"max |diff| {err:.1%} of max |logit|, "
-                    f"top-1 agrees {top1:.0%}")  # fmt: skip
+                row(f"{name}: logits vs glm4 bf16 (64 positions)", logits_agreement(logits, reference))
 
         # Batch 1: decode rate and roofline fraction, every variant in turn, round after round: the
         # default paths (bf16: the fused CPU step, or the compiled graph on CUDA; int8/int4: the
@@ -382,7 +398,12 @@ def main() -> None:
                 row(f"{name}: failed, left out", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 del variants[name]
         default = greedy_tokens(models["glm4 bf16"], prompt, 32, None)
+        forced = torch.cat([prompt, torch.tensor([default], device=device)], dim=1)
+        stepwise = stepwise_logits(models["glm4 bf16"], forced, prompt.shape[1])
         for name, (model, compile, overlap) in variants.items():
+            if model is not models["glm4 bf16"] and not re.search(r"int[48]$", name.split("+")[0]):
+                row(f"{name}: logits token by token vs glm4 bf16 (32)",
+                    logits_agreement(stepwise_logits(model, forced, prompt.shape[1]), stepwise))  # fmt: skip
             if name == "glm4 bf16 eager":  # the default path's greedy tokens against the module's
                 row(
                     "glm4 bf16: greedy tokens, default vs eager",
