@@ -335,6 +335,13 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-quantized", action="store_true")
     parser.add_argument(
+        "--budget",
+        type=float,
+        default=0,
+        help="seconds this run may take (0: no limit): variants whose warm-up (compile) would start past "
+        "half of it are left out, so that a short GPU lease still gets the others' figures",
+    )
+    parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
         help=f"glm4's batch-1 rows: {'|'.join(VARIANTS)}, each with optional +{'/+'.join(CANDIDATES)}",
@@ -358,6 +365,7 @@ def main() -> None:
     shape = GLM4_9B if args.gpu else SMALL
     config = Glm4Config(**shape, vocab_size=151552, max_position_embeddings=32768, rms_norm_eps=1e-5,
                         pad_token_id=0, eos_token_id=[1])  # fmt: skip
+    started = time.monotonic()
     meter = Meter(device)
     print(f"device: {device} ({torch.cuda.get_device_name() if args.gpu else 'CPU'}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
@@ -392,6 +400,10 @@ def main() -> None:
         # module as it is, compile=False), and any of them with candidates for the CUDA step.
         variants = variant_rows(chosen, models)
         for name, (model, compile, overlap) in list(variants.items()):  # warm up (and compile) each path
+            if args.budget and time.monotonic() - started > args.budget / 2 and name != "glm4 bf16":
+                row(f"{name}: left out", f"no time to compile it within --budget {args.budget:.0f}")
+                del variants[name]
+                continue
             try:
                 glm4_stretches(model, prompt, args.new_tokens, meter, compile, overlap)
             except Exception as e:  # a candidate that fails here should not cost the run the others
