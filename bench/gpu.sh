@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements in one call, sized for a short lease (about 10 minutes with the compiles):
 # the default CUDA decode step of a bf16 GLM-4-9B-shaped model against its candidates (attention
-# through SDPA; q, k and v as one matrix; the next step queued ahead of the host; all three), with
+# through SDPA; q, k and v as one matrix; the next step queued ahead of the host; all three;
+# attention as fused reductions), with
 # transformers in the same run, then where the default step's time goes. Each command is bounded,
 # so one that runs long cannot take the other's time. The output is also written to $OUT/gpu.log
 # when $OUT is set.
@@ -23,6 +24,6 @@ run() {
     # The candidates most likely to pay first: those whose compile would start past half the budget
     # are left out (and said to be), so the run still ends with figures for the others.
     run 420 bench/decode.py --gpu --budget 380 --batches "" --long 0 --rounds 2 \
-        --variants bf16,bf16+overlap,bf16+sdpa+qkv+overlap,bf16+sdpa,bf16+qkv
+        --variants bf16,bf16+overlap,bf16+sdpa+qkv+overlap,bf16+sdpa,bf16+qkv,bf16+reduce
     run 150 bench/profile_step.py --gpu --top 30
 } 2>&1 | tee ${log:-/dev/null}
