@@ -2,10 +2,9 @@
 # The GPU measurements in one call, sized for a short lease (about 10 minutes with the compiles):
 # the default CUDA decode step of a bf16 GLM-4-9B-shaped model against its candidates (attention
 # through SDPA; q, k and v as one matrix; the next step queued ahead of the host; all three;
-# attention as fused reductions), with
-# transformers in the same run, then where the default step's time goes. Each command is bounded,
-# so one that runs long cannot take the other's time. The output is also written to $OUT/gpu.log
-# when $OUT is set.
+# attention as fused reductions), with transformers in the same run, then where the default step's
+# time goes. Each command is bounded, so one that runs long cannot take the other's time. The
+# output is also written to $OUT/gpu.log when $OUT is set.
 #
 #     bash bench/gpu.sh
 set -u
