@@ -416,10 +416,9 @@ class Glm4Attention(nn.Module):
         if not all(type(p) is Linear for p in self._projections()):
             return False
         weight = torch.cat([p.weight.detach() for p in self._projections()])
-        biases = [p.bias for p in self._projections()]
-        bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
-        if bias is None and any(b is not None for b in biases):
-            return False
+        bias = None  # all three have one (attention_bias), or none has
+        if self.q_proj.bias is not None:
+            bias = torch.cat([p.bias.detach() for p in self._projections()])
         rows = 0
         for p in self._projections():
             p.weight.data = weight[rows : rows + p.out_features]
@@ -435,7 +434,7 @@ class Glm4Attention(nn.Module):
 
     def unfuse_qkv(self) -> None:
         """Give the three projections parameters of their own again (copies) and drop the matrix."""
-        if self.qkv is not None and self.qkv_is_current():
+        if self.qkv_is_current():
             for p in self._projections():
                 p.weight.data = p.weight.data.clone()
                 if p.bias is not None:

@@ -9,6 +9,13 @@ from glm4.generation import stream_tokens
 from glm4.sampling import SamplingParams
 
 
+class Chars:
+    """A stand-in tokenizer for stop strings: one character per id."""
+
+    def decode(self, ids):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
 def left_padded_batch():
     ids = random_ids(3, 7, seed=1)
     mask = torch.ones_like(ids)
@@ -64,10 +71,6 @@ def test_default_eos_comes_from_config_and_generation_config(tmp_path):
 
 
 def test_stop_strings():
-    class Chars:  # a stand-in tokenizer: one character per id
-        def decode(self, ids):
-            return "".join(chr(65 + i % 26) for i in ids)
-
     model = tiny_lm(seed=5)
     ids = random_ids(1, 4)
     full = model.generate(ids, max_new_tokens=15, eos_token_id=[127])
@@ -162,10 +165,6 @@ def test_overlap_gives_the_same_tokens_as_the_serial_loop():
     state from step to step gives the serial loop's output: a row stopping at eos while the others go
     on (then pads), stop strings, repetition/presence/frequency penalties, seeded sampling, the
     budget; through stream_tokens and generate, on the module and on the compiled step."""
-
-    class Chars:  # a stand-in tokenizer: one character per id
-        def decode(self, ids):
-            return "".join(chr(65 + i % 26) for i in ids)
 
     model = tiny_lm(seed=3, initializer_range=0.2)
     ids, mask = left_padded_batch()
