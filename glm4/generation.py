@@ -310,10 +310,11 @@ def compiled_step(model: torch.nn.Module):
         if model.device.type == "cuda":
             # CUDA graphs (mode "reduce-overhead"). For a quantized model, also coordinate descent
             # tuning: inductor then turns one-row matmuls into reductions (its mm decomposition asks
-            # for it) and fuses the int8/int4 dequantization into them; without it the library
-            # matmul reads a bf16 copy of each weight written every step (int8 at batch 1 on an
-            # H200: 10.9 tok/s against bf16's 127.5; with the tuning, not yet measured, as its compile
-            # outran the GPU lease). For bf16 it measured no better (124.7 tok/s), so bf16 goes without.
+            # for it) and fuses the int8 dequantization into them (and that of int4 layers tinygemm
+            # does not take); without it the library matmul reads a bf16 copy of each weight written
+            # every step (int8 at batch 1 on an H200: 10.9 tok/s against bf16's 127.5; with the
+            # tuning, not yet measured, as its compile outran the GPU lease). For bf16 it measured no
+            # better (124.7 tok/s), so bf16 goes without.
             quantized = bool(getattr(model.config, "quantization", None))
             options = {"triton.cudagraphs": True, "coordinate_descent_tuning": quantized}
             step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)

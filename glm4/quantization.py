@@ -6,11 +6,17 @@ what speeds it up. On the CPU the matmuls run in PyTorch's packed kernels (`_wei
 stored layout (kernels.int4_linear); elsewhere the weight is dequantized into the matmul, which
 torch.compile fuses. Activations stay in the model's dtype.
 
+On CUDA, int4 layers run torch's tinygemm kernel (`_weight_int4pack_mm`) where their shapes allow it.
+
 Checkpoints keep a portable layout (int8 rows; int4 two per byte, low nibble first) and
-`quantization_config` in config.json; the CPU int4 kernel's own packing is made at load time.
+`quantization_config` in config.json; the int4 kernels' own packing is made at load time, for the
+device the layer is on, and again when it moves to another kind of device.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +71,39 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
 
+class Int4Kernel(NamedTuple):
+    """One of torch's packed int4 matmuls: which layers it takes, the weight's layout it packs
+    from, the packing (with its number of inner k tiles) and the product. Both kernels dequantize
+    as w = (q - 8) * scale + zero, with scales and zeros as (in / group, out, 2)."""
+
+    takes: Callable[[Int4Linear], bool]
+    layout: Callable[[Int4Linear], torch.Tensor]
+    pack: Callable[[torch.Tensor, int], torch.Tensor]
+    inner_k_tiles: int
+    matmul: Callable[..., torch.Tensor]
+
+
+INT4_KERNELS = {
+    # The CPU kernel packs the values 0..15 as int32.
+    "cpu": Int4Kernel(
+        lambda layer: True,
+        lambda layer: layer.unpacked(),
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu,
+        1,
+        torch.ops.aten._weight_int4pack_mm_for_cpu,
+    ),
+    # tinygemm packs bytes whose high nibble holds the even column (the stored layout swapped), in
+    # tiles of 8 x 16 columns and 8 rows.
+    "cuda": Int4Kernel(
+        lambda layer: layer.in_features % 128 == 0 and layer.out_features % 8 == 0,
+        lambda layer: (layer.weight << 4) | (layer.weight >> 4),
+        torch.ops.aten._convert_weight_to_int4pack,
+        8,
+        torch.ops.aten._weight_int4pack_mm,
+    ),
+}
+
+
 class Int4Linear(nn.Module):
     """Group-wise asymmetric int4: w = (q - 8) * scale + zero for each group of input columns."""
 
@@ -86,9 +125,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.zeros(out_features, groups, 2, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
-        # The CPU kernel's own layout, made by pack(); not saved.
+        # A packed kernel's own layout (INT4_KERNELS) and the kind of device it was made for, by
+        # pack(); not saved.
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("packed_scales", None, persistent=False)
+        self.packed_for: str | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
@@ -107,14 +148,25 @@ class Int4Linear(nn.Module):
         return module
 
     def pack(self) -> None:
-        """Make the CPU kernel's layout (not saved: it is specific to the kernel)."""
-        if self.weight.device.type == "cpu":
-            packed = hugepages.adopt(torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1))
-            # The kernel wants (in / group, out, 2): scale then zero.
-            self.register_buffer("packed", packed, persistent=False)
-            self.register_buffer(
-                "packed_scales", self.scales_and_zeros.transpose(0, 1).contiguous(), persistent=False
-            )
+        """Make the packed kernel's layout for the device the layer is on (not saved: it is
+        specific to the kernel), or drop it where no kernel takes the layer."""
+        device = self.weight.device.type
+        kernel = INT4_KERNELS.get(device)
+        packed = scales = None
+        if kernel is not None and kernel.takes(self):
+            packed = kernel.pack(kernel.layout(self).contiguous(), kernel.inner_k_tiles)
+            packed = hugepages.adopt(packed) if device == "cpu" else packed
+            scales = self.scales_and_zeros.transpose(0, 1).contiguous()  # (in / group, out, 2)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("packed_scales", scales, persistent=False)
+        self.packed_for = device if packed is not None else None
+
+    def _apply(self, fn, recurse=True):
+        """Moved to another kind of device: another kernel, another layout."""
+        super()._apply(fn, recurse)
+        if self.packed_for is not None and self.packed_for != self.weight.device.type:
+            self.pack()
+        return self
 
     def unpacked(self) -> torch.Tensor:
         """The int4 values (out, in) as int32, 0..15."""
@@ -130,14 +182,18 @@ class Int4Linear(nn.Module):
         # (A compiled multiply-reduce measured slower than torch's kernel for int4; int8 is the reverse.)
         if kernels.can_int4(x, self.group_size):  # one row: glm4's kernel, on the stored layout
             y = kernels.int4_linear(x, self.weight, self.scales_and_zeros.to(x.dtype), self.group_size)
-        elif x.device.type == "cpu" and self.packed is not None:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                # The kernel needs contiguous rows: the last position of a batch is a strided slice.
-                x.reshape(-1, self.in_features).contiguous(),
-                self.packed,
-                self.group_size,
-                self.packed_scales.to(x.dtype),
-            ).view(*x.shape[:-1], self.out_features)
+        elif self.packed_for == x.device.type and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+            y = (
+                INT4_KERNELS[self.packed_for]
+                .matmul(
+                    # The kernel needs contiguous rows: the last position of a batch is a strided slice.
+                    x.reshape(-1, self.in_features).contiguous(),
+                    self.packed,
+                    self.group_size,
+                    self.packed_scales.to(x.dtype),
+                )
+                .view(*x.shape[:-1], self.out_features)
+            )
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
         return y + self.bias if self.bias is not None else y

@@ -116,3 +116,61 @@ def test_bad_quantization_requests(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quantized with 'gptq'"):
         Glm4ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_int4_layers_meet_tinygemms_contract(monkeypatch):
+    """On CUDA int4 layers run tinygemm (`_weight_int4pack_mm`), which this CPU cannot: checked
+    against a stand-in that unpacks and dequantizes as torch documents the kernel (bytes of
+    (N, K/2), the even column in the high nibble; w = (q - 8) * scale + zero with scales and zeros
+    as (K / group, N, 2)), run where the CPU kernel would. It must give the dequantized product."""
+    from glm4 import kernels, quantization
+
+    def pack(layout, inner_k_tiles):
+        assert layout.dtype == torch.uint8 and layout.is_contiguous() and inner_k_tiles == 8
+        return layout.clone()
+
+    def matmul(x, packed, group_size, scales_and_zeros):
+        q = torch.stack([packed >> 4, packed & 0xF], dim=-1).flatten(1).float()  # (N, K)
+        scales, zeros = scales_and_zeros.float().repeat_interleave(group_size, 0).unbind(-1)  # (K, N)
+        return (x.float() @ ((q - 8) * scales.T + zeros.T).T).to(x.dtype)
+
+    monkeypatch.setitem(
+        quantization.INT4_KERNELS, "cpu", quantization.INT4_KERNELS["cuda"]._replace(pack=pack, matmul=matmul)
+    )
+    monkeypatch.setattr(kernels, "can_int4", lambda *args: False)
+    torch.manual_seed(0)
+    for group_size in (32, 128):
+        linear = torch.nn.Linear(256, 96, bias=True).to(torch.bfloat16)
+        q = Int4Linear.from_linear(linear, group_size)
+        assert q.packed_for == "cpu"
+        x = torch.randn(3, 256, dtype=torch.bfloat16)
+        ref = torch.nn.functional.linear(x.float(), q.dequantize(), linear.bias.float())
+        assert (q(x).float() - ref).abs().max() <= 0.01 * ref.abs().max()
+    narrow = Int4Linear.from_linear(torch.nn.Linear(192, 96).to(torch.bfloat16))  # 192: not tiles of 128
+    assert narrow.packed is None and narrow.packed_for is None
+
+
+def test_int4_layout_is_made_again_on_another_kind_of_device(monkeypatch):
+    """The packed layout belongs to one kernel, for one kind of device: a move within the kind keeps
+    it; a move to a kind without a kernel drops it (the layer dequantizes); a move to a kind with
+    one packs again, from the moved weight (the meta device stands in for CUDA here)."""
+    from glm4 import quantization
+
+    torch.manual_seed(0)
+    q = Int4Linear.from_linear(torch.nn.Linear(128, 96, bias=False).to(torch.bfloat16))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    packed = q.packed
+    q.to(torch.float32).to(torch.bfloat16)
+    assert q.packed is packed and q.packed_for == "cpu"
+    q.to("meta")
+    assert q.packed is None and q.packed_for is None and q(x.to("meta")).shape == (3, 96)
+
+    q = Int4Linear.from_linear(torch.nn.Linear(128, 96, bias=False).to(torch.bfloat16))
+    packs = []
+    fake = quantization.INT4_KERNELS["cpu"]._replace(
+        pack=lambda layout, tiles: packs.append(layout) or layout
+    )
+    monkeypatch.setitem(quantization.INT4_KERNELS, "meta", fake)
+    q.to("meta")
+    assert q.packed_for == "meta" and q.packed.device.type == "meta"
+    assert len(packs) == 1 and packs[0].device.type == "meta" and packs[0].shape == (96, 128)
