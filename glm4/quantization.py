@@ -15,6 +15,8 @@ device the layer is on, and again when it moves to another kind of device.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4 import hugepages, kernels
+
+logger = logging.getLogger("glm4")
 
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 64
@@ -71,6 +75,16 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
+def _ampere(t: torch.Tensor) -> bool:
+    """Whether t is on an Ampere GPU or newer (tinygemm's mma instructions), where on a GPU."""
+    return t.device.type != "cuda" or torch.cuda.get_device_capability(t.device) >= (8, 0)
+
+
 class Int4Kernel(NamedTuple):
     """One of torch's packed int4 matmuls: which layers it takes, the weight's layout it packs
     from, the packing (with its number of inner k tiles) and the product. Both kernels dequantize
@@ -92,10 +106,10 @@ INT4_KERNELS = {
         1,
         torch.ops.aten._weight_int4pack_mm_for_cpu,
     ),
-    # tinygemm packs bytes whose high nibble holds the even column (the stored layout swapped), in
-    # tiles of 8 x 16 columns and 8 rows.
+    # tinygemm packs bytes whose high nibble holds the even column (the stored layout swapped), the
+    # input columns in tiles of 128 (8 inner tiles of 16), the outputs in 8s; Ampere GPUs and newer.
     "cuda": Int4Kernel(
-        lambda layer: layer.in_features % 128 == 0 and layer.out_features % 8 == 0,
+        lambda layer: layer.in_features % 128 == 0 and layer.out_features % 8 == 0 and _ampere(layer.weight),
         lambda layer: (layer.weight << 4) | (layer.weight >> 4),
         torch.ops.aten._convert_weight_to_int4pack,
         8,
@@ -154,9 +168,15 @@ class Int4Linear(nn.Module):
         kernel = INT4_KERNELS.get(device)
         packed = scales = None
         if kernel is not None and kernel.takes(self):
-            packed = kernel.pack(kernel.layout(self).contiguous(), kernel.inner_k_tiles)
-            packed = hugepages.adopt(packed) if device == "cpu" else packed
-            scales = self.scales_and_zeros.transpose(0, 1).contiguous()  # (in / group, out, 2)
+            try:
+                packed = kernel.pack(kernel.layout(self).contiguous(), kernel.inner_k_tiles)
+            except (RuntimeError, NotImplementedError) as e:  # a torch build without the kernel
+                _warn_once(
+                    f"int4 layers on {device} dequantize into the matmul: torch's packed kernel failed ({e})"
+                )
+            else:
+                packed = hugepages.adopt(packed) if device == "cpu" else packed
+                scales = self.scales_and_zeros.transpose(0, 1).contiguous()  # (in / group, out, 2)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("packed_scales", scales, persistent=False)
         self.packed_for = device if packed is not None else None

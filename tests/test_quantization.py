@@ -174,3 +174,25 @@ def test_int4_layout_is_made_again_on_another_kind_of_device(monkeypatch):
     q.to("meta")
     assert q.packed_for == "meta" and q.packed.device.type == "meta"
     assert len(packs) == 1 and packs[0].device.type == "meta" and packs[0].shape == (96, 128)
+
+
+def test_int4_layers_dequantize_where_torchs_kernel_fails(monkeypatch, caplog):
+    """A torch build whose packed int4 kernel is missing (or a GPU it does not run on) leaves the
+    layers on the dequantized matmul, with a warning, instead of failing to load."""
+    from glm4 import kernels, quantization
+
+    def missing(layout, inner_k_tiles):
+        raise RuntimeError("_convert_weight_to_int4pack is not available in this build")
+
+    monkeypatch.setitem(
+        quantization.INT4_KERNELS, "cpu", quantization.INT4_KERNELS["cpu"]._replace(pack=missing)
+    )
+    monkeypatch.setattr(kernels, "can_int4", lambda *args: False)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96, bias=False).to(torch.bfloat16)
+    with caplog.at_level("WARNING", logger="glm4"):
+        q = Int4Linear.from_linear(linear)
+    assert q.packed is None and q.packed_for is None
+    assert "dequantize into the matmul" in caplog.text and "not available in this build" in caplog.text
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    assert torch.allclose(q(x).float(), torch.nn.functional.linear(x.float(), q.dequantize()), atol=0.05)
