@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -302,12 +303,21 @@ def sharing_weights(model: Glm4ForCausalLM) -> Glm4ForCausalLM:
     return copy.deepcopy(model, memo={id(t): t for t in tensors})
 
 
-def variant_rows(chosen: list[str], models: dict) -> dict[str, tuple]:
-    """{row name: (model, compile, overlap)} for glm4's batch-1 rows."""
+class Variant(NamedTuple):
+    model: Glm4ForCausalLM
+    compile: bool | None
+    overlap: bool
+    arithmetic: bool  # candidates that change the step's arithmetic, on a bf16 model
+    base: str  # the model it is a variant of ("glm4 bf16", "glm4 int8", "glm4 int4")
+
+
+def variant_rows(chosen: list[str], models: dict) -> dict[str, Variant]:
+    """{row name: Variant} for glm4's batch-1 rows."""
     rows, fused = {}, {}
     for variant in chosen:
         path, candidates = parse_variant(variant)
-        model = models[f"glm4 {path}"] if path in ("int8", "int4") else models["glm4 bf16"]
+        base = f"glm4 {path}" if path in ("int8", "int4") else "glm4 bf16"
+        model = models[base]
         if "qkv" in candidates:  # one fused copy of the parameters' views for every such variant
             if id(model) not in fused:
                 fused[id(model)] = sharing_weights(model)
@@ -320,7 +330,9 @@ def variant_rows(chosen: list[str], models: dict) -> dict[str, tuple]:
             model.set_decode_attention(how)
         name = {"compiled": "bf16 compiled", "eager": "bf16 eager"}.get(path, path)
         compile = {"compiled": True, "eager": False}.get(path)
-        rows[f"glm4 {name}{''.join('+' + c for c in candidates)}"] = (model, compile, "overlap" in candidates)
+        arithmetic = path not in ("int8", "int4") and bool({"sdpa", "reduce", "qkv"} & set(candidates))
+        label = f"glm4 {name}{''.join('+' + c for c in candidates)}"
+        rows[label] = Variant(model, compile, "overlap" in candidates, arithmetic, base)
     return rows
 
 
@@ -399,7 +411,7 @@ def main() -> None:
         # fused CPU step, or the compiled graph), bf16's other two (the compiled graph and the
         # module as it is, compile=False), and any of them with candidates for the CUDA step.
         variants = variant_rows(chosen, models)
-        for name, (model, compile, overlap) in list(variants.items()):  # warm up (and compile) each path
+        for name, (model, compile, overlap, *_) in list(variants.items()):  # warm up (and compile) each path
             if args.budget and time.monotonic() - started > args.budget / 2 and name != "glm4 bf16":
                 row(f"{name}: left out", f"no time to compile it within --budget {args.budget:.0f}")
                 del variants[name]
@@ -409,34 +421,38 @@ def main() -> None:
             except Exception as e:  # a candidate that fails here should not cost the run the others
                 row(f"{name}: failed, left out", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 del variants[name]
-        default = greedy_tokens(models["glm4 bf16"], prompt, 32, None)
-        forced = torch.cat([prompt, torch.tensor([default], device=device)], dim=1)
-        stepwise = stepwise_logits(models["glm4 bf16"], forced, prompt.shape[1])
-        for name, (model, compile, overlap) in variants.items():
-            if model is not models["glm4 bf16"] and not re.search(r"int[48]$", name.split("+")[0]):
-                row(f"{name}: logits token by token vs glm4 bf16 (32)",
-                    logits_agreement(stepwise_logits(model, forced, prompt.shape[1]), stepwise))  # fmt: skip
+        defaults: dict[str, list[int]] = {}  # each base model's greedy tokens on its default path
+
+        def default(base: str) -> list[int]:
+            if base not in defaults:
+                defaults[base] = greedy_tokens(models[base], prompt, 32, None)
+            return defaults[base]
+
+        for name, (model, compile, overlap, arithmetic, base) in variants.items():
+            if arithmetic:  # the eager decode step's logits, teacher-forced, against the base's
+                forced = torch.cat([prompt, torch.tensor([default(base)], device=device)], dim=1)
+                reference = stepwise_logits(models[base], forced, prompt.shape[1])
+                ours = stepwise_logits(model, forced, prompt.shape[1])
+                row(f"{name}: logits token by token vs {base} (32)", logits_agreement(ours, reference))
             if name == "glm4 bf16 eager":  # the default path's greedy tokens against the module's
-                row(
-                    "glm4 bf16: greedy tokens, default vs eager",
-                    agreement(default, greedy_tokens(model, prompt, 32, False)),
-                )
+                eager = greedy_tokens(model, prompt, 32, False)
+                row(f"{base}: greedy tokens, default vs eager", agreement(default(base), eager))
             elif "+" in name:
-                row(
-                    f"{name}: greedy tokens vs glm4 bf16",
-                    agreement(greedy_tokens(model, prompt, 32, compile, overlap), default),
-                )
+                tokens = greedy_tokens(model, prompt, 32, compile, overlap)
+                row(f"{name}: greedy tokens vs {base}", agreement(tokens, default(base)))
         names = [*variants, *(["transformers bf16"] if hf is not None else [])]
         timings: dict[str, list[Stretches]] = {name: [] for name in names}
         for _ in range(args.rounds):
-            for name, (model, compile, overlap) in variants.items():
+            for name, (model, compile, overlap, *_) in variants.items():
                 timings[name].append(glm4_stretches(model, prompt, args.new_tokens, meter, compile, overlap))
             if hf is not None:
                 with torch.inference_mode():
                     timings["transformers bf16"].append(hf_stretches(hf, prompt, args.new_tokens, meter))
         rate = {}
         for name, runs in timings.items():
-            per_token = weight_bytes_per_token(hf if name.startswith("transformers") else variants[name][0])
+            per_token = weight_bytes_per_token(
+                hf if name.startswith("transformers") else variants[name].model
+            )
             rate[name] = statistics.median(t.rate for t in runs)
             roof, bw = roofline(runs, per_token)
             row(f"{name}: decode batch 1", f"{rate[name]:7.1f} tok/s  ({roof:.0%} of roofline at "
