@@ -164,7 +164,8 @@ def test_overlap_gives_the_same_tokens_as_the_serial_loop():
     """One step ahead (`overlap=True`), every control that reads the tokens on the host or carries
     state from step to step gives the serial loop's output: a row stopping at eos while the others go
     on (then pads), stop strings, repetition/presence/frequency penalties, seeded sampling, the
-    budget; through stream_tokens and generate, on the module and on the compiled step."""
+    budget; through stream_tokens and generate, on the module, on the compiled step and on a
+    dynamic cache."""
 
     model = tiny_lm(seed=3, initializer_range=0.2)
     ids, mask = left_padded_batch()
@@ -173,6 +174,7 @@ def test_overlap_gives_the_same_tokens_as_the_serial_loop():
     cases = [
         dict(eos_token_id=[eos], pad_token_id=0),
         dict(eos_token_id=[eos], pad_token_id=0, compile=True),
+        dict(eos_token_id=[eos], pad_token_id=0, cache="dynamic"),
         dict(eos_token_id=[127], stop_strings=[stop], tokenizer=Chars()),
         dict(eos_token_id=[eos], repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
         dict(eos_token_id=[eos], do_sample=True, temperature=1.5, top_k=20, seed=7),
