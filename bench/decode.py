@@ -312,27 +312,31 @@ class Variant(NamedTuple):
 
 
 def variant_rows(chosen: list[str], models: dict) -> dict[str, Variant]:
-    """{row name: Variant} for glm4's batch-1 rows."""
-    rows, fused = {}, {}
+    """{row name: Variant} for glm4's batch-1 rows. Variants of the same settings share one model
+    object: a compiled step is shared by models of the same settings, and CUDA graphs recorded for
+    one model's cache would be recorded again for another's every time the two alternate."""
+    rows, settled = {}, {}
     for variant in chosen:
         path, candidates = parse_variant(variant)
         base = f"glm4 {path}" if path in ("int8", "int4") else "glm4 bf16"
-        model = models[base]
-        if "qkv" in candidates:  # one fused copy of the parameters' views for every such variant
-            if id(model) not in fused:
-                fused[id(model)] = sharing_weights(model)
-                fused[id(model)].fuse_qkv()
-            model = fused[id(model)]
         how = next((c for c in candidates if c in DECODE_ATTENTION), None)
-        if how is not None or "qkv" in candidates:  # settings the compiled step specialises on
-            model = sharing_weights(model)
-        if how is not None:
-            model.set_decode_attention(how)
+        key = (base, how, "qkv" in candidates)
+        if key not in settled:  # a model object on the base's weights with these settings
+            model = models[base]
+            if "qkv" in candidates:  # one fused matrix for every such variant: the parameters view it
+                if (base, None, True) not in settled:
+                    settled[base, None, True] = sharing_weights(model)
+                    settled[base, None, True].fuse_qkv()
+                model = settled[base, None, True]
+            if how is not None:
+                model = sharing_weights(model)
+                model.set_decode_attention(how)
+            settled[key] = model
         name = {"compiled": "bf16 compiled", "eager": "bf16 eager"}.get(path, path)
         compile = {"compiled": True, "eager": False}.get(path)
         arithmetic = path not in ("int8", "int4") and bool({"sdpa", "reduce", "qkv"} & set(candidates))
         label = f"glm4 {name}{''.join('+' + c for c in candidates)}"
-        rows[label] = Variant(model, compile, "overlap" in candidates, arithmetic, base)
+        rows[label] = Variant(settled[key], compile, "overlap" in candidates, arithmetic, base)
     return rows
 
 
