@@ -604,8 +604,8 @@ class Glm4PreTrainedModel(nn.Module, PretrainedMixin):
     def refresh_fused_qkv(self) -> None:
         """Fuse again the layers fused before whose parameters were replaced since."""
         for m in self.modules():
-            if isinstance(m, Glm4Attention) and m.qkv is not None and not m.qkv_is_current():
-                m.fuse_qkv()
+            if isinstance(m, Glm4Attention) and m.qkv is not None:
+                m.fuse_qkv()  # keeps a current matrix as it is
 
     def unpack_weights(self) -> None:
         """Drop the packed copies made by `pack_weights`."""
