@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from glm4 import Glm4Config, Glm4ForCausalLM
@@ -118,3 +120,10 @@ def attention_widths(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(glm4.modeling, "decode_attention", spy)
     return widths
+
+
+def free_port() -> int:
+    """A port free now; whoever binds it next wins, so bind it soon."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

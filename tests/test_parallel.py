@@ -1,23 +1,16 @@
 """Tensor parallel with gloo: 2 and 4 processes give the logits and greedy tokens of one."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import random_ids, tiny_config, tiny_lm
+from helpers import free_port, random_ids, tiny_config, tiny_lm
 
 from glm4 import Glm4ForCausalLM
 from glm4.parallel import Plan, Shard, quantized_shards
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, world: int, port: int, folder: str, out: str, load: dict | None = None) -> None:

@@ -1,7 +1,6 @@
 """The OpenAI-compatible server, through the real openai client, on a loopback port."""
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +9,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from helpers import build_tiny_checkpoint
+from helpers import build_tiny_checkpoint, free_port
 
 from glm4.demo.train import WEATHER_TOOL
 from glm4.engine import Engine
@@ -18,12 +17,6 @@ from glm4.pipeline import Glm4Pipeline
 from glm4.server import create_app
 
 MODEL = "glm4-demo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

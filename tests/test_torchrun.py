@@ -7,9 +7,10 @@ import sys
 import time
 
 import httpx
-from test_server import free_port
+from helpers import free_port
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
+# --standalone: torchrun binds its own free rendezvous port, so no port is picked here and raced for.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 def env():
@@ -19,7 +20,6 @@ def env():
 def test_generate_under_torchrun():
     cmd = [
         *TORCHRUN,
-        str(free_port()),
         "-m",
         "glm4",
         "generate",
@@ -34,7 +34,7 @@ def test_generate_under_torchrun():
 
 def test_serve_under_torchrun():
     port = free_port()
-    cmd = [*TORCHRUN, str(free_port()), "-m", "glm4", "serve", "--port", str(port), "--device", "cpu"]
+    cmd = [*TORCHRUN, "-m", "glm4", "serve", "--port", str(port), "--device", "cpu"]
     server = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env(), start_new_session=True
     )
