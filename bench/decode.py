@@ -34,8 +34,8 @@ from typing import NamedTuple
 import torch
 
 from glm4 import Glm4Config, Glm4ForCausalLM, hugepages
+from glm4.attention import DECODE_ATTENTION
 from glm4.generation import stream_tokens
-from glm4.modeling import DECODE_ATTENTION
 from glm4.quantization import quantize
 
 VARIANTS = ("bf16", "compiled", "eager", "int8", "int4")

@@ -22,8 +22,8 @@ from decode import GLM4_9B, SMALL, Meter, sync, weight_bytes_per_token
 from torch.profiler import ProfilerActivity, profile
 
 from glm4 import Glm4Config, Glm4ForCausalLM
+from glm4.attention import DECODE_ATTENTION
 from glm4.generation import stream_tokens
-from glm4.modeling import DECODE_ATTENTION
 from glm4.quantization import quantize
 
 

@@ -61,7 +61,7 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
     length, large enough that the kernel build pays (as `kernels.can_bf16_linear`), and the kernels
     built for this CPU."""
     from glm4 import parallel
-    from glm4.modeling import KERNEL_ROWS, KERNEL_ROWS_PACKED, Linear
+    from glm4.linear import KERNEL_ROWS, KERNEL_ROWS_PACKED, Linear
     from glm4.quantization import Int4Linear, Int8Linear
 
     if not hasattr(model, "lm_head") or model.training or parallel.is_tensor_parallel():

@@ -15,11 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from glm4 import kernels
+from glm4.attention import (
+    CAUSAL_BLOCK,
+    DECODE_ATTENTION,
+    causal_mask,
+    causal_prompt_attention,
+    decode_attention,
+)
 from glm4.cache import DynamicCache, KVCache
 from glm4.checkpoint import PretrainedMixin
 from glm4.config import Glm4Config
 from glm4.generation import GenerationMixin
+from glm4.linear import Linear, can_pack
 
 # -- outputs: the transformers field names -----------------------------------------------------
 
@@ -43,103 +50,6 @@ class HeadOutput:
 
 
 CausalLMOutput = SequenceClassifierOutput = TokenClassifierOutput = HeadOutput
-
-
-# -- linear ---------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("glm4::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T + b with W already in oneDNN's blocked layout (see `Linear.pack`).
-
-    A custom op, so torch.compile calls it as it is: inductor does not lower oneDNN linears on
-    weights that are not graph constants.
-    """
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
-    return y.view(*x.shape[:-1], packed.shape[0])
-
-
-@packed_linear.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], packed.shape[0])
-
-
-def can_pack(weight: torch.Tensor) -> bool:
-    """oneDNN prepacking pays off for bfloat16 weights on a CPU (float32 already runs on MKL)."""
-    cpu_bf16 = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-    return cpu_bf16 and torch.backends.mkldnn.is_available()
-
-
-# Rows of x up to which glm4's bf16 kernel runs a product: measured on the benchmark's weights
-# streamed from memory, against oneDNN on the packed copy it is 1.4x faster at 1 row, 1.6x at 2
-# and 1.2x at 4, and 0.8x at 8; against the plain weight (no copy) 1.9x at 1 to 4 rows, 1.6x at 8.
-# In a compiled batch-1 step it decodes 3-8% faster than inductor's fused multiply-reduce.
-KERNEL_ROWS_PACKED, KERNEL_ROWS = 4, 8
-
-
-class Linear(nn.Linear):
-    """nn.Linear with three CPU inference paths for decoding.
-
-    A few rows of bf16 (batch-1 decoding, batches of up to 8), glm4's kernel
-    (`kernels.bf16_linear`) reads the plain weight once for all of them; see KERNEL_ROWS.
-
-    One row at a time under torch.compile otherwise (a float32 model, or no kernel built), the
-    product is written as a multiply-reduce that inductor fuses into one pass over the weight,
-    which streams at close to memory bandwidth; the library GEMV reaches about half of it.
-
-    More rows (larger batches, prefill), a bf16 GEMM on the plain weight makes oneDNN reorder the
-    whole weight on every call. `pack()` keeps a copy in oneDNN's blocked layout instead, which
-    that GEMM reads directly (about 1.6x faster at 8 rows). The copy costs the weight's size
-    again, so it is made on request (see `Glm4PreTrainedModel.pack_weights`), is used only without
-    autograd, and is ignored once the weight changes.
-    """
-
-    packed: torch.Tensor | None = None
-    _packed_from: tuple | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            rows = x.shape[:-1].numel()
-            compiling = torch.compiler.is_compiling()
-            # The compiled step does not check for staleness: its callers repack first (pack_weights).
-            packed = (
-                rows > 1
-                and self.packed is not None
-                and x.dtype == self.weight.dtype
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and (compiling or self.packed_is_current())
-            )
-            kernel_rows = KERNEL_ROWS_PACKED if packed else KERNEL_ROWS
-            if rows <= kernel_rows and kernels.can_bf16_linear(x, self.weight):
-                y = kernels.bf16_linear(x, self.weight)
-                return y + self.bias if self.bias is not None else y
-            if compiling and rows == 1:
-                y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1).to(x.dtype)
-                y = y.view(*x.shape[:-1], self.out_features)
-                return y + self.bias if self.bias is not None else y
-            if packed:
-                return packed_linear(x, self.packed, self.bias)
-        return super().forward(x)
-
-    def _weight_key(self) -> tuple:
-        w = self.weight
-        return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
-
-    def packed_is_current(self) -> bool:
-        return self.packed is not None and self._packed_from == self._weight_key()
-
-    def pack(self) -> int:
-        """Make (or refresh) the blocked copy of the weight; returns the bytes it holds (0: not packable)."""
-        if not can_pack(self.weight):
-            self.unpack()
-            return 0
-        if not self.packed_is_current():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8)
-            self._packed_from = self._weight_key()
-        return self.weight.nbytes
-
-    def unpack(self) -> None:
-        self.packed = self._packed_from = None
 
 
 # -- norm ----------------------------------------------------------------------------------------
@@ -265,105 +175,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # -- attention -----------------------------------------------------------------------------------
-
-
-def causal_mask(
-    attention_mask: torch.Tensor | None, batch: int, new_tokens: int, past: int, kv_len: int, device
-) -> torch.Tensor | None:
-    """Boolean (B, 1, T, S) mask: True where a query may attend; None when plain causal suffices.
-
-    Key slot j is visible from the query at cache index past + i when j <= past + i and the padding
-    mask keeps j.
-    """
-    if attention_mask is None and kv_len == past + new_tokens and (past == 0 or new_tokens == 1):
-        return None
-    keys = torch.arange(kv_len, device=device)
-    queries = past + torch.arange(new_tokens, device=device)
-    mask = (keys[None, :] <= queries[:, None])[None, None].expand(batch, 1, new_tokens, kv_len)
-    if attention_mask is not None:
-        keep = attention_mask.to(device=device, dtype=torch.bool)
-        keep = F.pad(keep, (0, kv_len - keep.shape[-1]), value=True)
-        mask = mask & keep[:, None, None, :]
-        # A left-padding query sees no key at all: let it see everything rather than produce NaN,
-        # which would leak into later layers through its masked-out (but multiplied) values.
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
-    return mask
-
-
-# How a decode step attends where the CPU kernel does not run (CUDA; float32 models): see
-# `decode_attention` and `Glm4PreTrainedModel.set_decode_attention`.
-DECODE_ATTENTION = ("einsum", "sdpa", "reduce")
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    how: str = "einsum",
-) -> torch.Tensor:
-    """Attention of one query per row (decoding). GQA groups share their KV head.
-
-    On the CPU in bf16 a hand-written kernel reads the cache as it is (see kernels.py). Elsewhere
-    `how` says how: "einsum" (the default) writes it out as two float32 matmuls, as the library
-    kernel's setup costs more than the arithmetic at this size; "sdpa" takes torch's fused
-    attention in the inputs' dtype, a KV head's group of query heads as its queries; "reduce" is the
-    einsums as float32 multiply-reduces, which inductor can fuse with the conversions and the mask
-    into few kernels (eager, it holds a (group x keys x head_dim) product: a compiled step only).
-    The last two are candidates for the compiled CUDA step, not yet measured on a GPU.
-    """
-    if kernels.can_decode(q, k, v):
-        return kernels.decode_attention(q, k, v, mask, scale)
-    B, H, _, D = q.shape
-    q = q.view(B, k.shape[1], -1, D)  # (B, H_kv, G, D): the query heads that share a KV head
-    if how == "sdpa":  # mask (B, 1, 1, S) broadcasts over KV heads and their groups
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).reshape(B, H, 1, D)
-    dtype = v.dtype
-    q, k, v = q.float(), k.float(), v.float()
-    if how == "reduce":
-        scores = (q[:, :, :, None] * k[:, :, None]).sum(-1) * scale
-    else:
-        scores = torch.einsum("bhgd,bhsd->bhgs", q, k) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(-1)
-    if how == "reduce":
-        out = (probs[..., None] * v[:, :, None]).sum(-2)
-    else:
-        out = torch.einsum("bhgs,bhsd->bhgd", probs, v)
-    return out.to(dtype).reshape(B, H, 1, D)
-
-
-CAUSAL_BLOCK = 256
-
-
-def causal_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of a whole prompt (no past, no padding) in blocks of 256 queries, each over
-    the keys it can see.
-
-    The CPU flash kernel (torch 2.13) skips masked keys in blocks of 512 only, so up to 512 tokens
-    it computes the whole T x T square; blocks of queries halve that. Measured at 512 tokens: the
-    attention 20-35% faster, the whole prefill 3-5% (bench model, alternating runs).
-    """
-    T, gqa = q.shape[2], q.shape[1] != k.shape[1]
-    blocks = []
-    for start in range(0, T, CAUSAL_BLOCK):
-        end = min(start + CAUSAL_BLOCK, T)
-        queries = torch.arange(start, end, device=q.device)[:, None]
-        sees = torch.arange(end, device=q.device)[None, :] <= queries
-        blocks.append(
-            F.scaled_dot_product_attention(
-                q[:, :, start:end],
-                k[:, :, :end],
-                v[:, :, :end],
-                attn_mask=None if start == 0 else sees,
-                is_causal=start == 0,
-                scale=scale,
-                enable_gqa=gqa,
-            )
-        )
-    return torch.cat(blocks, dim=2)
 
 
 class Glm4Attention(nn.Module):

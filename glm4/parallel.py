@@ -23,7 +23,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from glm4.config import Glm4Config
-from glm4.modeling import Linear
+from glm4.linear import Linear
 from glm4.quantization import DEFAULT_GROUP_SIZE, Int4Linear, Int8Linear
 
 

@@ -34,7 +34,7 @@ DEFAULT_GROUP_SIZE = 64
 
 def _compiled_single_row(x: torch.Tensor) -> bool:
     """Batch-1 decoding compiled on the CPU: there a fused dequantize-multiply-reduce streams the
-    quantized weight faster than the library kernels (see modeling.Linear)."""
+    quantized weight faster than the library kernels (see linear.Linear)."""
     return torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1
 
 

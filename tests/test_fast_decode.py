@@ -147,7 +147,7 @@ def test_decode_attention_ways_agree_with_float64(how, dtype, monkeypatch):
     in float64: groups of 1 and 4 query heads a KV head, keys as views of a longer cache, masks
     with hidden slots (left padding, unfilled tail)."""
     from glm4 import kernels
-    from glm4.modeling import decode_attention
+    from glm4.attention import decode_attention
 
     monkeypatch.setattr(kernels, "can_decode", lambda *args: False)
     g = torch.Generator().manual_seed(0)

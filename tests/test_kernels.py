@@ -4,7 +4,8 @@ import pytest
 import torch
 from helpers import random_ids, tiny_lm
 
-import glm4.modeling
+import glm4.attention
+import glm4.linear
 from glm4 import kernels
 from glm4.cache import DynamicCache
 
@@ -16,7 +17,7 @@ def float_path(q, k, v, mask, scale):
     can_decode = kernels.can_decode
     kernels.can_decode = lambda *args: False
     try:
-        return glm4.modeling.decode_attention(q, k, v, mask, scale)
+        return glm4.attention.decode_attention(q, k, v, mask, scale)
     finally:
         kernels.can_decode = can_decode
 
@@ -361,11 +362,11 @@ def test_where_bf16_linear_runs():
 def test_linear_layers_choose_the_kernel_by_rows(monkeypatch):
     """Up to 8 rows on the plain weight; with a packed copy, up to 4 rows (oneDNN is faster on its
     copy from 5 rows); more rows: oneDNN."""
-    layer = glm4.modeling.Linear(512, 1024, bias=True).bfloat16()
+    layer = glm4.linear.Linear(512, 1024, bias=True).bfloat16()
     calls = []
-    kernel, packed = kernels.bf16_linear, glm4.modeling.packed_linear
+    kernel, packed = kernels.bf16_linear, glm4.linear.packed_linear
     monkeypatch.setattr(kernels, "bf16_linear", lambda *a: calls.append("kernel") or kernel(*a))
-    monkeypatch.setattr(glm4.modeling, "packed_linear", lambda *a: calls.append("packed") or packed(*a))
+    monkeypatch.setattr(glm4.linear, "packed_linear", lambda *a: calls.append("packed") or packed(*a))
 
     def run(rows: int) -> str | None:
         calls.clear()
@@ -377,7 +378,7 @@ def test_linear_layers_choose_the_kernel_by_rows(monkeypatch):
         return calls[0] if calls else None
 
     assert [run(r) for r in (1, 2, 8, 9)] == ["kernel", "kernel", "kernel", None]
-    if glm4.modeling.can_pack(layer.weight):
+    if glm4.linear.can_pack(layer.weight):
         layer.pack()
         assert [run(r) for r in (1, 4, 5, 9)] == ["kernel", "kernel", "packed", "packed"]
     x = torch.randn(2, 512).bfloat16()

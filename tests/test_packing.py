@@ -7,7 +7,7 @@ from helpers import random_ids, tiny_lm
 
 from glm4 import generation
 from glm4.engine import Engine
-from glm4.modeling import Linear
+from glm4.linear import Linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 

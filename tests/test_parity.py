@@ -118,7 +118,7 @@ def test_long_prompt_blocked_attention_matches_transformers(length):
 
 @pytest.mark.parametrize("length", [257, 300, 512])
 def test_blocked_causal_attention_equals_one_call(length):
-    from glm4.modeling import causal_prompt_attention
+    from glm4.attention import causal_prompt_attention
 
     g = torch.Generator().manual_seed(length)
     q = torch.randn(2, 8, length, 16, generator=g)
