@@ -126,6 +126,7 @@ inline void int8_tile(const float *x, const int8_t *const *w, const uint16_t *sc
     int64_t k = 0;
     for (; k + 32 <= K; k += 32)
         for (int j = 0; j < NB; j++) {
+            prefetch_ahead(w[j] + k);
             __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w[j] + k))));
             __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w[j] + k + 16))));
             for (int m = 0; m < M; m++) {

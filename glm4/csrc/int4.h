@@ -12,15 +12,13 @@
 #if defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define GLM4_INT4_KERNEL 1
 #include <immintrin.h>
+
+#include "simd.h"
 #endif
 
 namespace {
 
 #ifdef GLM4_INT4_KERNEL
-// Ask for the bytes 4 KiB ahead of those being unpacked: measured on weights streamed from memory,
-// 1.2-1.35x the rate of leaving it to the hardware prefetcher (which torch's kernel does).
-constexpr int64_t PREFETCH = 4096;
-
 // xp: x reordered per 64 columns as [the 32 even columns, the 32 odd ones], to meet the low and the
 // high nibbles of 32 bytes. sums: x summed over each group (for the zeros).
 void int4_rows(const uint16_t *xp, const float *sums, const uint8_t *w, const uint16_t *sz, uint16_t *y,
@@ -38,7 +36,7 @@ void int4_rows(const uint16_t *xp, const float *sums, const uint8_t *w, const ui
             __m512 part = _mm512_setzero_ps();
             for (int64_t b = 0; b < blocks; b++) {
                 int64_t col = g * group + b * 64;
-                _mm_prefetch((const char *)(wr + col / 2) + PREFETCH, _MM_HINT_T0);
+                prefetch_ahead(wr + col / 2);
                 __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wr + col / 2)));
                 __m512i low = _mm512_permutexvar_epi16(_mm512_and_si512(bytes, nibble), lut);
                 __m512i high = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), lut);

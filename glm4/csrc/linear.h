@@ -31,7 +31,10 @@ inline void tile(const uint16_t *x, const uint16_t *const *w, uint16_t *y, int64
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
         __m512bh wv[NB];
-        for (int j = 0; j < NB; j++) wv[j] = (__m512bh)_mm512_loadu_si512(w[j] + k);
+        for (int j = 0; j < NB; j++) {
+            wv[j] = (__m512bh)_mm512_loadu_si512(w[j] + k);
+            prefetch_ahead(w[j] + k);
+        }
         for (int m = 0; m < M; m++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
             for (int j = 0; j < NB; j++) a[m * NB + j] = _mm512_dpbf16_ps(a[m * NB + j], wv[j], xv);

@@ -1,7 +1,18 @@
 // AVX-512 helpers shared by the kernels; include after <immintrin.h>, under __AVX512F__.
 #pragma once
 
+#include <cstdint>
+
 namespace {
+
+// Ask for the cache line PREFETCH bytes past p. The kernels stream their weights row after row
+// (each thread through its own rows); measured on weights streamed from memory, asking ahead
+// reads them 1.2-1.35x as fast as the hardware prefetcher alone (int4 on the AMD development
+// machine), and up to 1.9x (bf16 at 1 to 8 rows) on an Intel Xeon whose prefetcher keeps a
+// single core's stream well below what memory allows.
+constexpr int64_t PREFETCH = 4096;
+
+inline void prefetch_ahead(const void *p) { _mm_prefetch(static_cast<const char *>(p) + PREFETCH, _MM_HINT_T0); }
 
 // r[j] = the sum of a[j]'s lanes: four rounds of shuffles and adds, instead of 16 reductions.
 inline __m512 reduce16(const __m512 *a) {
