@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,24 +55,51 @@ def sync(device: str) -> None:
 
 
 class Meter:
-    """Streaming read bandwidth in bytes/s: the best of a few sums over a buffer far above cache."""
+    """Streaming read bandwidth in bytes/s: the best of a few reads of a buffer far above cache, by
+    torch's sum() and (on the CPU, where it builds) by a sum that asks for its lines ahead, as
+    glm4's kernels do (bench/stream_read.cpp): on some CPUs a core's hardware prefetcher alone
+    reads well below what memory allows."""
 
     def __init__(self, device: str) -> None:
         self.device = device
+        self.prefetching = None
         if device.startswith("cuda"):
             self.buf = torch.ones((4 << 30) // 4, device=device)
         else:  # on huge pages, as the weights: the best this machine reads
             self.buf = hugepages.empty(((1 << 30) // 4,), torch.float32).fill_(1)
+            self.prefetching = prefetching_read()
 
     def read(self, repeats: int = 10) -> float:
+        readers = [self.buf.sum]
+        if self.prefetching is not None:
+            pointer, n = self.buf.data_ptr(), self.buf.numel()
+            readers.append(lambda: self.prefetching(pointer, n, torch.get_num_threads()))
         best = float("inf")
         for _ in range(repeats):
-            sync(self.device)
-            t = time.perf_counter()
-            self.buf.sum()
-            sync(self.device)
-            best = min(best, time.perf_counter() - t)
+            for reader in readers:
+                sync(self.device)
+                t = time.perf_counter()
+                reader()
+                sync(self.device)
+                best = min(best, time.perf_counter() - t)
         return self.buf.numel() * 4 / best
+
+
+def prefetching_read():
+    """bench/stream_read.cpp's reader, built as glm4's kernels are; None where it cannot be."""
+    from glm4 import kernels
+
+    if not kernels.available("bf16_linear"):  # x86-64 with AVX-512, and a compiler
+        return None
+    try:
+        path = kernels.build([Path(__file__).with_name("stream_read.cpp")], kernels.cache_dir(), "glm4_bench")
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"(the prefetching bandwidth reader did not build: {e}; torch's sum alone reads it)")
+        return None
+    read = ctypes.CDLL(str(path)).glm4_bench_read
+    read.restype = ctypes.c_double
+    read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    return read
 
 
 class Stretches:

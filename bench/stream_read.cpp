@@ -1,0 +1,30 @@
+// The bandwidth meter's second reader (bench/decode.py, Meter): sums a float32 buffer on every
+// thread, asking for each line 4 KiB ahead as glm4's kernels do (csrc/simd.h). On some CPUs (an
+// Intel Xeon among this project's machines) a core's hardware prefetcher alone keeps its stream
+// well below what memory allows, so torch's sum() under-reads the roofline and glm4's kernels
+// measured above it.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstdint>
+
+extern "C" double glm4_bench_read(const float *p, int64_t n, int threads) {
+    double total = 0.0;
+#pragma omp parallel for num_threads(threads) reduction(+ : total) schedule(static)
+    for (int64_t chunk = 0; chunk < n / 4096; chunk++) {  // 16 KiB per chunk
+        const float *q = p + chunk * 4096;
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps(), c = _mm512_setzero_ps(), d = _mm512_setzero_ps();
+        for (int64_t i = 0; i < 4096; i += 64) {
+            _mm_prefetch(reinterpret_cast<const char *>(q + i) + 4096, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char *>(q + i) + 4096 + 64, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char *>(q + i) + 4096 + 128, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char *>(q + i) + 4096 + 192, _MM_HINT_T0);
+            a = _mm512_add_ps(a, _mm512_loadu_ps(q + i));
+            b = _mm512_add_ps(b, _mm512_loadu_ps(q + i + 16));
+            c = _mm512_add_ps(c, _mm512_loadu_ps(q + i + 32));
+            d = _mm512_add_ps(d, _mm512_loadu_ps(q + i + 48));
+        }
+        total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+    }
+    return total;
+}
