@@ -5,7 +5,7 @@
   the arithmetic: about 300 us a layer at 3,000 cached positions on the benchmark model, against
   100 here. Long Z1 answers decode over thousands of positions, so that grows with every token.
 - `int4_linear` (csrc/int4_linear.cpp): one row times a group-wise int4 weight in glm4's stored
-  layout, unpacked with table lookups and multiplied in bf16 pairs, where torch's CPU int4 kernel
+  layout, unpacked with bitwise ops and multiplied in bf16 pairs, where torch's CPU int4 kernel
   is bound by its unpacking rather than by memory.
 - `bf16_linear` (csrc/bf16_linear.cpp): up to 8 rows of bf16 times a plain bf16 weight in one
   pass over it, for eager and batched decoding, where oneDNN needs a packed copy of the weight

@@ -4,7 +4,7 @@
 //
 // Batch-1 decoding reads every weight once per token. torch's CPU int4 kernel spends more time
 // unpacking than the memory takes to deliver the bytes; this one turns 64 nibbles into bf16 with
-// two table lookups (vpermw) and multiplies them with vdpbf16ps, so that it keeps up with memory:
+// two bitwise ops (each q becomes 128 + q, see int4.h) and multiplies them with vdpbf16ps:
 //   y[n] = sum_g scale[n,g] * sum_{k in g} (q[n,k] - 8) x[k]  +  sum_g zero[n,g] * sum_{k in g} x[k].
 // Products of bf16 are exact and summed in float32. Needs AVX-512BW and AVX-512 BF16; built without
 // them it only says so (glm4_int4_linear_supported() returns 0), and glm4 keeps torch's kernel.
