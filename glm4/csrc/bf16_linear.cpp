@@ -8,7 +8,8 @@
 // once, two weight rows at a time, and multiplies each 32 columns of them with every row of x with
 // vdpbf16ps (exact bf16 products, float32 sums): the two rows are half the weight apart, so that
 // the thread's two streams run through different pages (two streams in one page, as adjacent rows
-// of 2 KiB are, halve the rate the hardware prefetcher keeps up on the development machine).
+// of 2 KiB are, halve the rate the hardware prefetcher keeps up on the AMD development machine),
+// and each line is asked for 4 KiB ahead (simd.h: the Intel one's prefetcher alone falls short).
 // Needs AVX-512BW and AVX-512 BF16; built without them it only says so
 // (glm4_bf16_linear_supported() returns 0), and glm4 keeps oneDNN.
 
