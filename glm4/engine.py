@@ -25,8 +25,9 @@ import torch
 
 from glm4 import sampling
 from glm4.cache import KVCache, cache_buffer, kv_layout
-from glm4.generation import decode_step_for, pack_for, prefill, step_mask
+from glm4.generation import prefill, step_mask
 from glm4.sampling import SamplingParams, sample_next
+from glm4.steps import decode_step_for, pack_for
 
 logger = logging.getLogger("glm4")
 

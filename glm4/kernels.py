@@ -120,7 +120,7 @@ _supported: dict[str, bool] | None = None
 
 def available(op: str = "decode_attention") -> bool:
     """Whether `op`'s kernel is built and can run here; builds the library on the first call. While
-    torch.compile traces, only an answer found before counts (`generation.compiled_step` asks first)."""
+    torch.compile traces, only an answer found before counts (`steps.compiled_step` asks first)."""
     global _supported
     if _supported is None and not torch.compiler.is_compiling():
         _supported = _load()

@@ -106,11 +106,11 @@ def test_the_first_compiled_step_is_announced_on_stderr(checkpoint, capsys, monk
     """Compiling takes seconds to minutes on a real model: the command says so before and after."""
     import logging
 
-    import glm4.generation
+    import glm4.steps
     from glm4.cli import Progress
 
-    monkeypatch.setattr(glm4.generation, "should_compile", lambda model, max_new_tokens: True)
-    monkeypatch.setattr(glm4.generation, "_compiled", set())  # as in a new process
+    monkeypatch.setattr(glm4.steps, "should_compile", lambda model, max_new_tokens: True)
+    monkeypatch.setattr(glm4.steps, "_compiled", set())  # as in a new process
     log = logging.getLogger("glm4")
     try:
         code, out = run(["generate", "Hello", "--model", checkpoint, "--max-new-tokens", "4"])

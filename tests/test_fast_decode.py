@@ -110,7 +110,7 @@ def test_compiled_step_over_a_large_cache_equals_eager():
 
 
 def test_compile_is_chosen_only_where_it_pays(model):
-    from glm4.generation import should_compile
+    from glm4.steps import should_compile
 
     assert not should_compile(model, 512)  # a tiny model on the CPU: compiling costs more than it saves
     assert not should_compile(tiny_lm(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), 512)
@@ -125,7 +125,7 @@ def test_cuda_step_compiles_for_cuda_graphs(monkeypatch, quantization):
     """On CUDA the decode step compiles for CUDA graphs, and a quantized model's also with
     coordinate descent tuning (inductor's one-row matmuls as reductions, with the dequantization
     fused in; a bf16 model measured no faster with it). Checked on the arguments torch.compile gets."""
-    from glm4 import generation
+    from glm4 import steps
     from glm4.modeling import Glm4PreTrainedModel
     from glm4.quantization import quantize
 
@@ -135,7 +135,7 @@ def test_cuda_step_compiles_for_cuda_graphs(monkeypatch, quantization):
     monkeypatch.setattr(Glm4PreTrainedModel, "device", property(lambda self: torch.device("cuda")))
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.update(kwargs) or fn)
-    generation.compiled_step(model)
+    steps.compiled_step(model)
     assert seen["fullgraph"] and seen["dynamic"] is False
     assert seen["options"] == {"triton.cudagraphs": True, "coordinate_descent_tuning": bool(quantization)}
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import random_ids, tiny_lm
 
-from glm4 import generation
+from glm4 import steps
 from glm4.engine import Engine
 from glm4.linear import Linear
 
@@ -110,7 +110,7 @@ def test_generate_packs_for_batches_only_when_the_copy_fits(model, monkeypatch):
     ids, mask = left_padded()
     kwargs = dict(attention_mask=mask, max_new_tokens=2, eos_token_id=[], compile=False)
     free = {"bytes": 1 << 40}
-    monkeypatch.setattr(generation, "available_memory", lambda: free["bytes"])
+    monkeypatch.setattr(steps, "available_memory", lambda: free["bytes"])
     model.generate(ids[:1], **kwargs | {"attention_mask": mask[:1]})
     assert all(m.packed is None for m in linears(model))  # batch 1 reads the plain weights
     free["bytes"] = model.packable_bytes() + (1 << 30)  # under the 2 GiB kept free
@@ -125,7 +125,7 @@ def test_generate_packs_for_batches_only_when_the_copy_fits(model, monkeypatch):
 
 
 def test_engine_packs_for_several_slots(model, monkeypatch):
-    monkeypatch.setattr(generation, "available_memory", lambda: 1 << 40)
+    monkeypatch.setattr(steps, "available_memory", lambda: 1 << 40)
     engine = Engine(model, max_batch_size=1, compile=False, start=False)
     assert all(m.packed is None for m in linears(model))
     engine = Engine(model, max_batch_size=4, compile=False, start=False)
