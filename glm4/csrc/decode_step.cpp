@@ -49,7 +49,6 @@ namespace {
 constexpr int NORMS = 4, PROJECTIONS = 6, PER_PROJECTION = 3;
 constexpr int PER_LAYER = NORMS + PROJECTIONS * PER_PROJECTION;
 
-
 inline __m512 load(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
