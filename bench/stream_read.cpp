@@ -15,10 +15,8 @@ extern "C" double glm4_bench_read(const float *p, int64_t n, int threads) {
         const float *q = p + chunk * 4096;
         __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps(), c = _mm512_setzero_ps(), d = _mm512_setzero_ps();
         for (int64_t i = 0; i < 4096; i += 64) {
-            _mm_prefetch(reinterpret_cast<const char *>(q + i) + 4096, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char *>(q + i) + 4096 + 64, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char *>(q + i) + 4096 + 128, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char *>(q + i) + 4096 + 192, _MM_HINT_T0);
+            for (int line = 0; line < 256; line += 64)  // the four lines read below, 4 KiB on
+                _mm_prefetch(reinterpret_cast<const char *>(q + i) + 4096 + line, _MM_HINT_T0);
             a = _mm512_add_ps(a, _mm512_loadu_ps(q + i));
             b = _mm512_add_ps(b, _mm512_loadu_ps(q + i + 16));
             c = _mm512_add_ps(c, _mm512_loadu_ps(q + i + 32));

@@ -12,10 +12,10 @@ namespace {
 // single core's stream well below what memory allows.
 constexpr int64_t PREFETCH = 4096;
 
+inline void prefetch_ahead(const void *p) { _mm_prefetch(static_cast<const char *>(p) + PREFETCH, _MM_HINT_T0); }
+
 // A mask of the first n of 16 lanes.
 inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
-
-inline void prefetch_ahead(const void *p) { _mm_prefetch(static_cast<const char *>(p) + PREFETCH, _MM_HINT_T0); }
 
 // r[j] = the sum of a[j]'s lanes: four rounds of shuffles and adds, instead of 16 reductions.
 inline __m512 reduce16(const __m512 *a) {
