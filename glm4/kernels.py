@@ -109,6 +109,8 @@ def _load() -> dict[str, bool]:
         detail = getattr(e, "stderr", b"") or b""
         log.info("no CPU kernels (%s) %s", e, detail.decode(errors="replace")[-500:])
         return {}
+    global _library
+    _library = library
     supported = {op: bool(getattr(library, f"glm4_{op}_supported")()) for op in OPS}
     if not all(supported.values()):
         log.info("this CPU lacks the instructions of some kernels: %s", supported)
@@ -116,6 +118,7 @@ def _load() -> dict[str, bool]:
 
 
 _supported: dict[str, bool] | None = None
+_library: ctypes.CDLL | None = None
 
 
 def available(op: str = "decode_attention") -> bool:
@@ -125,6 +128,19 @@ def available(op: str = "decode_attention") -> bool:
     if _supported is None and not torch.compiler.is_compiling():
         _supported = _load()
     return bool(_supported and _supported.get(op))
+
+
+def set_amx(enabled: bool | None = None) -> bool:
+    """Turn the bf16 kernel's AMX path on or off (None: leave it); returns whether it runs now.
+
+    On a CPU with AMX tiles (Intel Xeon, Sapphire Rapids and later) the bf16 products of 1 to 8
+    rows run on them by default: as fast as the vector path at one row, about twice at eight. The
+    two add in different orders, so a row's numbers change with the switch (never with its batch):
+    change it between generations, not within one.
+    """
+    if not available("bf16_linear") or _library is None:
+        return False
+    return bool(_library.glm4_set_amx(-1 if enabled is None else int(enabled)))
 
 
 def _inference(*tensors: torch.Tensor) -> bool:

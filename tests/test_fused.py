@@ -53,7 +53,7 @@ CASES = [(SHAPE, 1, None), (SHAPE, 3, None), (ODD, 1, None), (ODD, 3, None), (SH
 
 @needs_fused
 @pytest.mark.parametrize("shape,batch,quantization", CASES)
-def test_one_step_equals_the_module_step(shape, batch, quantization):
+def test_one_step_equals_the_module_step(shape, batch, quantization, bf16_path):
     """Logits within bf16 rounding of the module's step, the same keys and values (within rounding)
     written to the same slot, nothing else in the cache touched; left-padded rows; bf16, int8 and
     int4 weights."""
@@ -262,7 +262,7 @@ def test_argmax_kernel_equals_torch():
 
 
 @needs_fused
-def test_a_rows_numbers_do_not_depend_on_its_company():
+def test_a_rows_numbers_do_not_depend_on_its_company(bf16_path):
     """Run for some batch rows of a larger cache (the engine's slots in use), a row's logits and
     cache writes are the same bits alone or with others, over a context long enough for the
     attention to split its keys (one KV head, 2 threads)."""

@@ -303,9 +303,9 @@ def with_threads(threads: int, fn):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(
     "shape",  # (rows of x, N, K): one pass and several, odd N (an unpaired middle row), K % 32 != 0
-    [(1, 64, 64), (2, 33, 40), (8, 130, 1000), (9, 257, 96), (19, 64, 2816), (3, 1, 7)],
+    [(1, 64, 64), (2, 33, 40), (8, 130, 1000), (9, 257, 96), (19, 64, 2816), (3, 1, 7), (17, 31, 128)],
 )
-def test_bf16_linear_equals_the_float64_product(shape, threads):
+def test_bf16_linear_equals_the_float64_product(shape, threads, bf16_path):
     """At least as close to the exact product as the library's bf16 matmul, rounded to bf16 once."""
     rows, n, k = shape
     g = torch.Generator().manual_seed(rows * n + k)
@@ -322,17 +322,32 @@ def test_bf16_linear_equals_the_float64_product(shape, threads):
 
 
 @needs_bf16_linear
-def test_bf16_linear_rows_do_not_depend_on_the_batch_or_the_threads():
+@pytest.mark.parametrize("k", [1000, 1024])  # K % 32 != 0 takes the vector path, AMX or not
+def test_bf16_linear_rows_do_not_depend_on_the_batch_or_the_threads(k, bf16_path):
     """Each output is one thread's sum in a fixed order: a row gives the same bits alone or among
-    others, on any number of threads (so a sequence decodes alike alone or in the server's batch)."""
+    others (more than one AMX pass of 16 rows too), on any number of threads (so a sequence decodes
+    alike alone or in the server's batch)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(11, 1000, generator=g).bfloat16()
-    weight = torch.randn(301, 1000, generator=g).bfloat16()
+    x = torch.randn(19, k, generator=g).bfloat16()
+    weight = torch.randn(301, k, generator=g).bfloat16()
     together = with_threads(1, lambda: kernels.bf16_linear(x, weight))
     for threads in (2, 4):
         assert torch.equal(with_threads(threads, lambda: kernels.bf16_linear(x, weight)), together)
-    for i in range(11):
+    for i in range(19):
         assert torch.equal(kernels.bf16_linear(x[i : i + 1], weight), together[i : i + 1])
+
+
+def test_amx_runs_where_the_cpu_has_it():
+    """The bf16 kernel takes the AMX tiles by default where the CPU has them, and can be switched off."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    has_amx = {"amx_tile", "amx_bf16"} <= set(flags) and kernels.available("bf16_linear")
+    assert kernels.set_amx() == has_amx
+    try:
+        assert kernels.set_amx(False) is False
+        assert kernels.set_amx(True) == has_amx
+    finally:
+        kernels.set_amx(True)
 
 
 @needs_bf16_linear

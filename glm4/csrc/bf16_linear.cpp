@@ -59,4 +59,14 @@ extern "C" int glm4_bf16_linear_supported() {
 #endif
 }
 
+// Turn the kernels' AMX paths on (1) or off (0), or leave them (-1); returns whether they run now.
+extern "C" int glm4_set_amx(int on) {
+#ifdef GLM4_AMX_KERNEL
+    if (on >= 0) glm4_amx::enabled = on != 0;
+    return glm4_amx::on();
+#else
+    return 0;
+#endif
+}
+
 TORCH_LIBRARY_IMPL(glm4, CPU, m) { m.impl("bf16_linear", &bf16_linear); }
