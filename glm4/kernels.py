@@ -9,7 +9,8 @@
   is bound by its unpacking rather than by memory.
 - `bf16_linear` (csrc/bf16_linear.cpp): up to 8 rows of bf16 times a plain bf16 weight in one
   pass over it, for eager and batched decoding, where oneDNN needs a packed copy of the weight
-  and still runs 1.2-1.6x slower at 1 to 4 rows.
+  and still runs 1.2-1.6x slower at 1 to 4 rows. On a CPU with AMX tiles it runs on them
+  (csrc/linear.h, amx.h; `set_amx`).
 - `decode_step` (csrc/decode_step.cpp): a Glm4ForCausalLM's whole decode step in one call, its
   projections bf16, int8 or int4, over the cores of the kernels above (csrc/attention.h, linear.h,
   int4.h; see glm4/fused.py); and `argmax`, the greedy pick from float logits.
