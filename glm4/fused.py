@@ -61,7 +61,7 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
     length, large enough that the kernel build pays (as `kernels.can_bf16_linear`), and the kernels
     built for this CPU."""
     from glm4 import parallel
-    from glm4.linear import KERNEL_ROWS, KERNEL_ROWS_PACKED, Linear
+    from glm4.linear import KERNEL_ROWS, Linear, kernel_rows
     from glm4.quantization import Int4Linear, Int8Linear
 
     if not hasattr(model, "lm_head") or model.training or parallel.is_tensor_parallel():
@@ -71,9 +71,14 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
     int4 = [m for m in projections if type(m) is Int4Linear]
     if int4 and (batch_size != 1 or any(m.group_size % 64 for m in int4)):
         return False
+
+    def rows(m: torch.nn.Module) -> int:
+        # As a Linear's rows: with packed copies oneDNN is faster from 5 rows on, in the compiled
+        # step, but for the AMX tiles (bf16 weights only).
+        return kernel_rows(m.in_features, packed) if type(m) is Linear else KERNEL_ROWS
+
     return (
-        # As a Linear's rows: with packed copies oneDNN is faster from 5 rows on, in the compiled step.
-        1 <= batch_size <= (KERNEL_ROWS_PACKED if packed else KERNEL_ROWS)
+        batch_size >= 1
         and model.device.type == "cpu"
         and config.rope_type != "dynamic"
         and config.head_dim in kernels.HEAD_DIMS
@@ -84,6 +89,7 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
         and kernels.available("bf16_linear")
         and kernels.available("decode_step")
         and (not int4 or kernels.available("int4_linear"))
+        and batch_size <= min(map(rows, projections))
     )
 
 

@@ -7,7 +7,7 @@
 - `int4_linear` (csrc/int4_linear.cpp): one row times a group-wise int4 weight in glm4's stored
   layout, unpacked with bitwise ops and multiplied in bf16 pairs, where torch's CPU int4 kernel
   is bound by its unpacking rather than by memory.
-- `bf16_linear` (csrc/bf16_linear.cpp): up to 8 rows of bf16 times a plain bf16 weight in one
+- `bf16_linear` (csrc/bf16_linear.cpp): a few rows of bf16 times a plain bf16 weight in one
   pass over it, for eager and batched decoding, where oneDNN needs a packed copy of the weight
   and still runs 1.2-1.6x slower at 1 to 4 rows. On a CPU with AMX tiles it runs on them
   (csrc/linear.h, amx.h; `set_amx`).
@@ -110,8 +110,9 @@ def _load() -> dict[str, bool]:
         detail = getattr(e, "stderr", b"") or b""
         log.info("no CPU kernels (%s) %s", e, detail.decode(errors="replace")[-500:])
         return {}
-    global _library
+    global _library, _amx
     _library = library
+    _amx = bool(library.glm4_set_amx(-1))
     supported = {op: bool(getattr(library, f"glm4_{op}_supported")()) for op in OPS}
     if not all(supported.values()):
         log.info("this CPU lacks the instructions of some kernels: %s", supported)
@@ -120,6 +121,7 @@ def _load() -> dict[str, bool]:
 
 _supported: dict[str, bool] | None = None
 _library: ctypes.CDLL | None = None
+_amx: bool | None = None  # set_amx's answer, kept
 
 
 def available(op: str = "decode_attention") -> bool:
@@ -134,14 +136,19 @@ def available(op: str = "decode_attention") -> bool:
 def set_amx(enabled: bool | None = None) -> bool:
     """Turn the bf16 kernel's AMX path on or off (None: leave it); returns whether it runs now.
 
-    On a CPU with AMX tiles (Intel Xeon, Sapphire Rapids and later) the bf16 products of 1 to 8
-    rows run on them by default: as fast as the vector path at one row, about twice at eight. The
-    two add in different orders, so a row's numbers change with the switch (never with its batch):
-    change it between generations, not within one.
+    On a CPU with AMX tiles (Intel Xeon, Sapphire Rapids and later) the bf16 products of up to 32
+    rows run on them by default (weights of a width that is a multiple of 32): as fast as the
+    vector path at one row, about twice at eight, and faster than oneDNN at up to 32. The two add
+    in different orders, so a row's numbers change with the switch (never with its batch): change
+    it between generations, not within one.
     """
+    global _amx
+    if enabled is None and (_amx is not None or torch.compiler.is_compiling()):
+        return bool(_amx)
     if not available("bf16_linear") or _library is None:
         return False
-    return bool(_library.glm4_set_amx(-1 if enabled is None else int(enabled)))
+    _amx = bool(_library.glm4_set_amx(-1 if enabled is None else int(enabled)))
+    return _amx
 
 
 def _inference(*tensors: torch.Tensor) -> bool:
@@ -208,7 +215,7 @@ def decode_attention(
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ weight.T for bf16 x and weight (N, K), without bias, in one pass over the
-    weight for up to 8 rows of x at a time. Check `can_bf16_linear` first."""
+    weight for up to 8 rows of x at a time (32 on AMX tiles). Check `can_bf16_linear` first."""
     return torch.ops.glm4.bf16_linear(x, weight)
 
 

@@ -213,6 +213,38 @@ def test_where_it_applies(monkeypatch):
 
 
 @needs_fused
+def test_on_amx_tiles_it_takes_32_rows(bf16_path):
+    """On AMX tiles the step takes up to 32 rows of a bf16 model whose matmul widths are multiples
+    of 32 (SHAPE's down_proj is 200 wide: 8 rows, as on the vector kernel; so are int8 weights)."""
+    even, amx = model_of(INT4), bf16_path == "amx"
+    assert fused.applies(even, 32) == amx and fused.applies(even, 9) == amx and not fused.applies(even, 33)
+    assert fused.applies(even, 8) and not fused.applies(model_of(SHAPE), 9)
+    assert not fused.applies(model_of(INT4, quantization="int8"), 9)
+    if amx and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        even.pack_weights()  # the tiles are faster than oneDNN on its copy too
+        assert fused.applies(even, 32)
+
+
+@needs_fused
+def test_twenty_rows_on_amx_tiles_equal_the_module_step(bf16_path):
+    """Two AMX passes' worth of rows (16 + 4): logits within bf16 rounding of the module's step."""
+    model = model_of(INT4)
+    if not fused.applies(model, 20):
+        pytest.skip("no AMX tiles here")
+    ids = random_ids(20, 5, vocab=2048, seed=1)
+    caches = [StaticCache.for_model(model, 20, 16) for _ in range(2)]
+    token, position = random_ids(20, 1, vocab=2048, seed=2), torch.full((20, 1), 5)
+    mask = torch.zeros(20, 1, 1, 6, dtype=torch.bool) | True
+    with torch.inference_mode():
+        for cache in caches:
+            model(ids, past_key_values=cache)
+        expected = model.decode_step(token, position, mask, caches[0], torch.tensor([5]))
+        got = fused.fused_step(model, 20)(token, position, mask, caches[1], torch.tensor([5]))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+@needs_fused
 def test_bad_arguments_raise():
     model = model_of(SHAPE)
     step = fused.fused_step(model, 1)
@@ -262,21 +294,26 @@ def test_argmax_kernel_equals_torch():
 
 
 @needs_fused
-def test_a_rows_numbers_do_not_depend_on_its_company(bf16_path):
+@pytest.mark.parametrize("shape,company", [(ODD, [2]), (INT4, list(range(1, 20)))])
+def test_a_rows_numbers_do_not_depend_on_its_company(shape, company, bf16_path):
     """Run for some batch rows of a larger cache (the engine's slots in use), a row's logits and
-    cache writes are the same bits alone or with others, over a context long enough for the
-    attention to split its keys (one KV head, 2 threads)."""
-    model = model_of(dict(ODD, max_position_embeddings=1024))
-    cache = SlotCache(model, 3, 512)
+    cache writes are the same bits alone or with others (19 others: two AMX passes where the CPU
+    has the tiles), over a context long enough for the attention to split its keys (one KV head,
+    2 threads)."""
+    model = model_of(dict(shape, max_position_embeddings=1024))
+    slots = max(company) + 1
+    if not fused.applies(model, len(company) + 1):
+        pytest.skip("no AMX tiles here: the vector kernels take 8 rows")
+    cache = SlotCache(model, slots, 512)
     g = torch.Generator().manual_seed(0)
     for t in cache.keys + cache.values:
         t.copy_(torch.randn(t.shape, generator=g))
-    key_mask = torch.zeros(3, 512, dtype=torch.bool)
+    key_mask = torch.zeros(slots, 512, dtype=torch.bool)
     key_mask[:, :301] = True
     step = fused.fused_step(model, 2)
 
     def run(rows: list[int]):
-        copy = SlotCache(model, 3, 512)
+        copy = SlotCache(model, slots, 512)
         for ours, theirs in zip(copy.keys + copy.values, cache.keys + cache.values, strict=True):
             ours.copy_(theirs)
         used = torch.tensor(rows)
@@ -289,10 +326,10 @@ def test_a_rows_numbers_do_not_depend_on_its_company(bf16_path):
     torch.set_num_threads(2)
     try:
         alone, alone_cache = run([0])
-        together, together_cache = run([2, 0])
+        together, together_cache = run([*company, 0])
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(alone[0], together[1])
+    assert torch.equal(alone[0], together[-1])
     assert torch.equal(alone_cache.keys[0][0], together_cache.keys[0][0])
     assert torch.equal(alone_cache.values[1][0], together_cache.values[1][0])
-    assert not torch.equal(together_cache.keys[0][2], cache.keys[0][2])  # row 2 written too
+    assert not torch.equal(together_cache.keys[0][company[0]], cache.keys[0][company[0]])  # written too

@@ -302,8 +302,18 @@ def with_threads(threads: int, fn):
 @needs_bf16_linear
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(
-    "shape",  # (rows of x, N, K): one pass and several, odd N (an unpaired middle row), K % 32 != 0
-    [(1, 64, 64), (2, 33, 40), (8, 130, 1000), (9, 257, 96), (19, 64, 2816), (3, 1, 7), (17, 31, 128)],
+    "shape",  # (rows of x, N, K): one pass and several, odd N (an unpaired middle row), K % 32 != 0;
+    # on AMX: one B tile and two, N % 16 != 0, two passes
+    [
+        (1, 64, 64),
+        (2, 33, 40),
+        (8, 130, 1000),
+        (9, 257, 96),
+        (19, 64, 2816),
+        (3, 1, 7),
+        (17, 31, 128),
+        (40, 20, 64),
+    ],  # fmt: skip
 )
 def test_bf16_linear_equals_the_float64_product(shape, threads, bf16_path):
     """At least as close to the exact product as the library's bf16 matmul, rounded to bf16 once."""
@@ -325,15 +335,15 @@ def test_bf16_linear_equals_the_float64_product(shape, threads, bf16_path):
 @pytest.mark.parametrize("k", [1000, 1024])  # K % 32 != 0 takes the vector path, AMX or not
 def test_bf16_linear_rows_do_not_depend_on_the_batch_or_the_threads(k, bf16_path):
     """Each output is one thread's sum in a fixed order: a row gives the same bits alone or among
-    others (more than one AMX pass of 16 rows too), on any number of threads (so a sequence decodes
+    others (more than one AMX pass of 32 rows too), on any number of threads (so a sequence decodes
     alike alone or in the server's batch)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(19, k, generator=g).bfloat16()
+    x = torch.randn(37, k, generator=g).bfloat16()
     weight = torch.randn(301, k, generator=g).bfloat16()
     together = with_threads(1, lambda: kernels.bf16_linear(x, weight))
     for threads in (2, 4):
         assert torch.equal(with_threads(threads, lambda: kernels.bf16_linear(x, weight)), together)
-    for i in range(19):
+    for i in range(37):
         assert torch.equal(kernels.bf16_linear(x[i : i + 1], weight), together[i : i + 1])
 
 
@@ -374,10 +384,13 @@ def test_where_bf16_linear_runs():
 
 
 @needs_bf16_linear
-def test_linear_layers_choose_the_kernel_by_rows(monkeypatch):
+@pytest.mark.parametrize("width", [512, 520])
+def test_linear_layers_choose_the_kernel_by_rows(width, bf16_path, monkeypatch):
     """Up to 8 rows on the plain weight; with a packed copy, up to 4 rows (oneDNN is faster on its
-    copy from 5 rows); more rows: oneDNN."""
-    layer = glm4.linear.Linear(512, 1024, bias=True).bfloat16()
+    copy from 5 rows); more rows: oneDNN. On AMX tiles (a width that is a multiple of 32) up to 32
+    rows, packed copy or not."""
+    layer = glm4.linear.Linear(width, 1024, bias=True).bfloat16()
+    amx = bf16_path == "amx" and width % 32 == 0
     calls = []
     kernel, packed = kernels.bf16_linear, glm4.linear.packed_linear
     monkeypatch.setattr(kernels, "bf16_linear", lambda *a: calls.append("kernel") or kernel(*a))
@@ -385,18 +398,24 @@ def test_linear_layers_choose_the_kernel_by_rows(monkeypatch):
 
     def run(rows: int) -> str | None:
         calls.clear()
-        x = torch.randn(rows, 1, 512).bfloat16()
+        x = torch.randn(rows, 1, width).bfloat16()
         with torch.no_grad():
             y = layer(x)
         reference = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
         torch.testing.assert_close(y.float(), reference, atol=0.05, rtol=0.02)
         return calls[0] if calls else None
 
-    assert [run(r) for r in (1, 2, 8, 9)] == ["kernel", "kernel", "kernel", None]
+    if amx:
+        assert [run(r) for r in (1, 9, 32, 33)] == ["kernel", "kernel", "kernel", None]
+    else:
+        assert [run(r) for r in (1, 2, 8, 9)] == ["kernel", "kernel", "kernel", None]
     if glm4.linear.can_pack(layer.weight):
         layer.pack()
-        assert [run(r) for r in (1, 4, 5, 9)] == ["kernel", "kernel", "packed", "packed"]
-    x = torch.randn(2, 512).bfloat16()
+        if amx:
+            assert [run(r) for r in (1, 5, 32, 33)] == ["kernel", "kernel", "kernel", "packed"]
+        else:
+            assert [run(r) for r in (1, 4, 5, 9)] == ["kernel", "kernel", "packed", "packed"]
+    x = torch.randn(2, width).bfloat16()
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # autograd on
 
 
@@ -412,13 +431,13 @@ def test_bf16_model_decodes_through_bf16_linear(batch, monkeypatch):
 
     monkeypatch.setattr(kernels, "BF16_LINEAR_MIN_WEIGHT", 0)  # the tiny model's weights too
     model = tiny_lm(seed=3).bfloat16()
-    ids = random_ids(batch, 12)  # a prompt of more than 8 rows: the library's GEMM
+    ids = random_ids(batch, 36)  # a prompt of more than 32 rows: the library's GEMM (AMX tiles or not)
 
     def logits_of() -> torch.Tensor:
         cache = DynamicCache()
         with torch.no_grad():
-            model(ids[:, :9], past_key_values=cache)
-            steps = [model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(9, 12)]
+            model(ids[:, :33], past_key_values=cache)
+            steps = [model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(33, 36)]
         return torch.stack(steps).float()
 
     with_kernel = logits_of()

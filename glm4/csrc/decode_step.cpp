@@ -1,6 +1,6 @@
 // A whole decode step of a Glm4ForCausalLM on the CPU in one call: embedding, every layer (norms,
 // q/k/v with bias, the partial interleaved rope, the cache write, attention, o, the MLP, the
-// sandwich norms and residuals), the final norm and the lm_head, for 1 to 8 rows; the projections
+// sandwich norms and residuals), the final norm and the lm_head, for 1 to 32 rows; the projections
 // bf16, or int8 with one scale per output row (glm4's weight-only int8).
 //
 // At batch 1 the step streams every weight once, and the compiled graph of the same step spent
@@ -48,6 +48,8 @@ namespace {
 // empty); then the final norm and the lm_head's three.
 constexpr int NORMS = 4, PROJECTIONS = 6, PER_PROJECTION = 3;
 constexpr int PER_LAYER = NORMS + PROJECTIONS * PER_PROJECTION;
+// Rows a step takes (glm4/fused.py says when it pays: up to 8 on the vector kernels, 32 on AMX).
+constexpr int64_t MAX_STEP_ROWS = 32;
 
 inline __m512 load(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -256,7 +258,7 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
     TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1 && positions.sizes() == tokens.sizes() &&
                     tokens.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
                 "glm4::decode_step takes tokens and positions (B, 1) int64");
-    TORCH_CHECK(B >= 1 && B <= MAX_ROWS, "glm4::decode_step runs 1 to ", MAX_ROWS, " rows, got ", B);
+    TORCH_CHECK(B >= 1 && B <= MAX_STEP_ROWS, "glm4::decode_step runs 1 to ", MAX_STEP_ROWS, " rows, got ", B);
     TORCH_CHECK(D == 64 || D == 128 || D == 256, "glm4::decode_step has no kernel for head dim ", D);
     TORCH_CHECK(q_width == Hq * D && Hq % Hkv == 0 && R <= D && inv_freq.scalar_type() == at::kFloat &&
                     inv_freq.is_contiguous(),

@@ -96,11 +96,13 @@ inline void for_each_tile(int64_t N, const Tile &tile) {
 #ifdef GLM4_AMX_KERNEL
 // Steps (16 weight rows x 32 columns) ahead that amx_linear_rows asks for the weight's lines.
 constexpr int64_t AMX_AHEAD = 8;
+// Rows of x per pass over the weight: two float32 tiles of 16 columns each.
+constexpr int64_t AMX_ROWS = 32;
 
 // y (M, N) = x (M, K) @ w (N, K)^T with AMX tiles, for K a multiple of 32. Each thread takes its
-// blocks of 16 weight rows; per step of 32 columns one tile op multiplies the block's 16 rows
-// (tile A, loaded from the weight as stored) with up to 16 rows of x (tile B: 16 column pairs of
-// each), adding into a float32 tile C (16 x rows of x) that is rounded once at the end of the block.
+// blocks of 16 weight rows; per step of 32 columns the block's 16 rows (tile A, loaded from the
+// weight as stored) multiply up to 32 rows of x (tiles B: 16 column pairs of 16 rows of x each),
+// adding into float32 tiles C (16 weight rows x 16 rows of x) that are rounded once a block.
 // Each output adds its column pairs in order, in float32, whatever the other rows: a row's numbers
 // do not depend on its batch, as in the vector kernel (though they are not that kernel's).
 //
@@ -110,28 +112,41 @@ constexpr int64_t AMX_AHEAD = 8;
 // from memory (1 GB): 1.1x the vector kernel's rate at 1 and 2 rows, 1.15x at 4, 1.9x at 8.
 inline void amx_linear_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t K, int64_t N) {
     const int64_t steps = K / 32, blocks = (N + 15) / 16;
-    for (int64_t m0 = 0; m0 < M; m0 += 16) {
-        const int64_t cols = std::min<int64_t>(16, M - m0);
-        // B per step: 16 rows (column pairs) of `cols` pairs. One row of x is laid out so already.
-        std::vector<uint32_t> paired(cols > 1 ? steps * 16 * cols : 0);
-        for (int64_t m = 0; m < (cols > 1 ? cols : 0); m++) {
-            const uint32_t *xm = reinterpret_cast<const uint32_t *>(x + (m0 + m) * K);
-            for (int64_t i = 0; i < K / 2; i++) paired[i * cols + m] = xm[i];
+    for (int64_t m0 = 0; m0 < M; m0 += AMX_ROWS) {
+        // Tile t (0 or 1) of the pass takes `cols[t]` rows of x from m0 + 16 t.
+        const int64_t rows_of_x = std::min<int64_t>(AMX_ROWS, M - m0);
+        const int64_t cols[2] = {std::min<int64_t>(16, rows_of_x), rows_of_x - std::min<int64_t>(16, rows_of_x)};
+        // B per tile and step: 16 rows (column pairs) of cols[t] pairs. One row of x is laid out so.
+        std::vector<uint32_t> paired[2];
+        const uint32_t *b[2] = {};
+        for (int t = 0; t < 2 && cols[t]; t++) {
+            const uint32_t *first_row = reinterpret_cast<const uint32_t *>(x + (m0 + 16 * t) * K);
+            if (cols[t] == 1) {
+                b[t] = first_row;
+                continue;
+            }
+            paired[t].resize(steps * 16 * cols[t]);
+            for (int64_t m = 0; m < cols[t]; m++)
+                for (int64_t i = 0; i < K / 2; i++) paired[t][i * cols[t] + m] = first_row[m * K / 2 + i];
+            b[t] = paired[t].data();
         }
-        const uint32_t *b = cols > 1 ? paired.data() : reinterpret_cast<const uint32_t *>(x + m0 * K);
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-            alignas(64) float c[16 * 16];
+            alignas(64) float c[2][16 * 16] = {};
+            alignas(64) uint16_t rounded[16 * 32];  // [weight row][row of x]
             int configured = 0;  // the A and C tiles' rows as configured, 0: not yet
             int64_t ahead_block = b0 + AMX_AHEAD / steps, ahead_step = AMX_AHEAD % steps;
             for (int64_t block = b0; block < b1; block++) {
                 const int rows = (int)std::min<int64_t>(16, N - block * 16);
-                if (rows != configured) {
+                if (rows != configured) {  // tiles: 0, 1 C; 2 A; 3, 4 B
                     glm4_amx::Config config;
-                    _tile_loadconfig(&config.tile(0, rows, cols * 4).tile(1, rows, 64).tile(2, 16, cols * 4));
+                    config.tile(2, rows, 64);
+                    for (int t = 0; t < 2 && cols[t]; t++) config.tile(t, rows, cols[t] * 4).tile(3 + t, 16, cols[t] * 4);
+                    _tile_loadconfig(&config);
                     configured = rows;
                 }
                 const uint16_t *wb = w + block * 16 * K;
                 _tile_zero(0);
+                if (cols[1]) _tile_zero(1);
                 for (int64_t s = 0; s < steps; s++) {
                     if (ahead_block < blocks) {
                         const char *line = reinterpret_cast<const char *>(w + ahead_block * 16 * K + ahead_step * 32);
@@ -139,13 +154,25 @@ inline void amx_linear_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, i
                             _mm_prefetch(line + i * K * 2, _MM_HINT_T0);
                     }
                     if (++ahead_step == steps) ahead_step = 0, ahead_block++;
-                    _tile_loadd(1, wb + s * 32, K * 2);
-                    _tile_loadd(2, b + s * 16 * cols, cols * 4);
-                    _tile_dpbf16ps(0, 1, 2);
+                    _tile_loadd(2, wb + s * 32, K * 2);
+                    _tile_loadd(3, b[0] + s * 16 * cols[0], cols[0] * 4);
+                    _tile_dpbf16ps(0, 2, 3);
+                    if (cols[1]) {
+                        _tile_loadd(4, b[1] + s * 16 * cols[1], cols[1] * 4);
+                        _tile_dpbf16ps(1, 2, 4);
+                    }
                 }
-                _tile_stored(0, c, cols * 4);
-                for (int i = 0; i < rows; i++)
-                    for (int64_t m = 0; m < cols; m++) y[(m0 + m) * N + block * 16 + i] = float_to_bf16(c[i * cols + m]);
+                // Round a weight row's outputs (16 floats a tile) at once, then write them per row of x.
+                _tile_stored(0, c[0], 64);
+                if (cols[1]) _tile_stored(1, c[1], 64);
+                for (int i = 0; i < rows; i++) {
+                    __m512 lo = _mm512_load_ps(c[0] + i * 16), hi = _mm512_load_ps(c[1] + i * 16);
+                    _mm512_store_si512(rounded + i * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                }
+                for (int64_t m = 0; m < rows_of_x; m++) {
+                    uint16_t *ym = y + (m0 + m) * N + block * 16;
+                    for (int i = 0; i < rows; i++) ym[i] = rounded[i * 32 + m];
+                }
             }
             if (configured) _tile_release();
         });
