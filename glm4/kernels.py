@@ -112,7 +112,7 @@ def _load() -> dict[str, bool]:
         return {}
     global _library, _amx
     _library = library
-    _amx = bool(library.glm4_set_amx(-1))
+    _amx = bool(library.glm4_set_amx(0 if os.environ.get("GLM4_AMX") == "0" else -1))
     supported = {op: bool(getattr(library, f"glm4_{op}_supported")()) for op in OPS}
     if not all(supported.values()):
         log.info("this CPU lacks the instructions of some kernels: %s", supported)
@@ -140,7 +140,7 @@ def set_amx(enabled: bool | None = None) -> bool:
     rows run on them by default (weights of a width that is a multiple of 32): as fast as the
     vector path at one row, about twice at eight, and faster than oneDNN at up to 32. The two add
     in different orders, so a row's numbers change with the switch (never with its batch): change
-    it between generations, not within one.
+    it between generations, not within one. GLM4_AMX=0 in the environment starts with it off.
     """
     global _amx
     if enabled is None and (_amx is not None or torch.compiler.is_compiling()):

@@ -1,5 +1,9 @@
 """The CPU decode-attention kernel (glm4/csrc/decode_attention.cpp) against the float path."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import random_ids, tiny_lm
@@ -358,6 +362,19 @@ def test_amx_runs_where_the_cpu_has_it():
         assert kernels.set_amx(True) == has_amx
     finally:
         kernels.set_amx(True)
+
+
+def test_glm4_amx_0_starts_a_process_with_the_tiles_off():
+    code = "from glm4 import kernels; print(kernels.set_amx())"
+
+    def amx_in_a_process(**env) -> str:
+        command = [sys.executable, "-c", code]
+        run = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    assert amx_in_a_process(GLM4_AMX="0") == "False"
+    assert amx_in_a_process(GLM4_AMX="1") == str(kernels.set_amx())
 
 
 @needs_bf16_linear
