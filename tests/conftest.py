@@ -9,9 +9,9 @@ from glm4 import kernels  # noqa: E402
 
 
 @pytest.fixture(params=["amx", "vector"])
-def bf16_path(request):
-    """Run the test with the bf16 kernel's AMX path, then with its vector path (the AMX run is
-    skipped where the CPU has no AMX tiles or the kernels are not built)."""
+def kernel_path(request):
+    """Run the test with the CPU kernels' AMX paths (bf16 products, int4 rows), then with their
+    vector paths (the AMX run is skipped where the CPU has no AMX tiles or no kernels are built)."""
     previous = kernels.set_amx()
     if request.param == "amx" and not kernels.set_amx(True):
         pytest.skip("no AMX tiles here")

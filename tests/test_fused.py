@@ -53,7 +53,7 @@ CASES = [(SHAPE, 1, None), (SHAPE, 3, None), (ODD, 1, None), (ODD, 3, None), (SH
 
 @needs_fused
 @pytest.mark.parametrize("shape,batch,quantization", CASES)
-def test_one_step_equals_the_module_step(shape, batch, quantization, bf16_path):
+def test_one_step_equals_the_module_step(shape, batch, quantization, kernel_path):
     """Logits within bf16 rounding of the module's step, the same keys and values (within rounding)
     written to the same slot, nothing else in the cache touched; left-padded rows; bf16, int8 and
     int4 weights."""
@@ -213,10 +213,10 @@ def test_where_it_applies(monkeypatch):
 
 
 @needs_fused
-def test_on_amx_tiles_it_takes_32_rows(bf16_path):
+def test_on_amx_tiles_it_takes_32_rows(kernel_path):
     """On AMX tiles the step takes up to 32 rows of a bf16 model whose matmul widths are multiples
     of 32 (SHAPE's down_proj is 200 wide: 8 rows, as on the vector kernel; so are int8 weights)."""
-    even, amx = model_of(INT4), bf16_path == "amx"
+    even, amx = model_of(INT4), kernel_path == "amx"
     assert fused.applies(even, 32) == amx and fused.applies(even, 9) == amx and not fused.applies(even, 33)
     assert fused.applies(even, 8) and not fused.applies(model_of(SHAPE), 9)
     assert not fused.applies(model_of(INT4, quantization="int8"), 9)
@@ -226,7 +226,7 @@ def test_on_amx_tiles_it_takes_32_rows(bf16_path):
 
 
 @needs_fused
-def test_twenty_rows_on_amx_tiles_equal_the_module_step(bf16_path):
+def test_twenty_rows_on_amx_tiles_equal_the_module_step(kernel_path):
     """Two AMX passes' worth of rows (16 + 4): logits within bf16 rounding of the module's step."""
     model = model_of(INT4)
     if not fused.applies(model, 20):
@@ -295,7 +295,7 @@ def test_argmax_kernel_equals_torch():
 
 @needs_fused
 @pytest.mark.parametrize("shape,company", [(ODD, [2]), (INT4, list(range(1, 20)))])
-def test_a_rows_numbers_do_not_depend_on_its_company(shape, company, bf16_path):
+def test_a_rows_numbers_do_not_depend_on_its_company(shape, company, kernel_path):
     """Run for some batch rows of a larger cache (the engine's slots in use), a row's logits and
     cache writes are the same bits alone or with others (19 others: two AMX passes where the CPU
     has the tiles), over a context long enough for the attention to split its keys (one KV head,

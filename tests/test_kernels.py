@@ -209,8 +209,11 @@ needs_int4_kernel = pytest.mark.skipif(
 
 @needs_int4_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(48, 64, 64), (304, 256, 128), (1008, 512, 256), (96, 1024, 64)])
-def test_int4_kernel_equals_the_dequantized_weight(shape, threads):
+@pytest.mark.parametrize(
+    "shape",  # (N, K, group): on AMX, N % 16 != 0 in the last, and groups past 16
+    [(48, 64, 64), (304, 256, 128), (1008, 512, 256), (96, 1024, 64), (40, 1152, 64)],
+)
+def test_int4_kernel_equals_the_dequantized_weight(shape, threads, kernel_path):
     """One row times the stored int4 layout: (q - 8) * scale + zero per group, at least as close to
     the float32 product as torch's int4 kernel."""
     out_features, in_features, group_size = shape
@@ -223,7 +226,11 @@ def test_int4_kernel_equals_the_dequantized_weight(shape, threads):
     finally:
         torch.set_num_threads(previous)
     exact = x.double() @ layer.dequantize().double().T
-    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x[0], layer.packed, group_size, layer.packed_scales)
+    if layer.packed is not None:
+        kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+        theirs = kernel(x[0], layer.packed, group_size, layer.packed_scales)
+    else:  # torch's kernel takes N % 16 == 0 only: the float32 product, rounded once
+        theirs = torch.nn.functional.linear(x[0].float(), layer.dequantize()).bfloat16()
     assert ours.shape == (1, 1, out_features)
     scale = exact.abs().max().item()
     our_error = (ours.double() - exact).abs().max().item()
@@ -319,7 +326,7 @@ def with_threads(threads: int, fn):
         (40, 20, 64),
     ],  # fmt: skip
 )
-def test_bf16_linear_equals_the_float64_product(shape, threads, bf16_path):
+def test_bf16_linear_equals_the_float64_product(shape, threads, kernel_path):
     """At least as close to the exact product as the library's bf16 matmul, rounded to bf16 once."""
     rows, n, k = shape
     g = torch.Generator().manual_seed(rows * n + k)
@@ -337,7 +344,7 @@ def test_bf16_linear_equals_the_float64_product(shape, threads, bf16_path):
 
 @needs_bf16_linear
 @pytest.mark.parametrize("k", [1000, 1024])  # K % 32 != 0 takes the vector path, AMX or not
-def test_bf16_linear_rows_do_not_depend_on_the_batch_or_the_threads(k, bf16_path):
+def test_bf16_linear_rows_do_not_depend_on_the_batch_or_the_threads(k, kernel_path):
     """Each output is one thread's sum in a fixed order: a row gives the same bits alone or among
     others (more than one AMX pass of 32 rows too), on any number of threads (so a sequence decodes
     alike alone or in the server's batch)."""
@@ -402,12 +409,12 @@ def test_where_bf16_linear_runs():
 
 @needs_bf16_linear
 @pytest.mark.parametrize("width", [512, 520])
-def test_linear_layers_choose_the_kernel_by_rows(width, bf16_path, monkeypatch):
+def test_linear_layers_choose_the_kernel_by_rows(width, kernel_path, monkeypatch):
     """Up to 8 rows on the plain weight; with a packed copy, up to 4 rows (oneDNN is faster on its
     copy from 5 rows); more rows: oneDNN. On AMX tiles (a width that is a multiple of 32) up to 32
     rows, packed copy or not."""
     layer = glm4.linear.Linear(width, 1024, bias=True).bfloat16()
-    amx = bf16_path == "amx" and width % 32 == 0
+    amx = kernel_path == "amx" and width % 32 == 0
     calls = []
     kernel, packed = kernels.bf16_linear, glm4.linear.packed_linear
     monkeypatch.setattr(kernels, "bf16_linear", lambda *a: calls.append("kernel") or kernel(*a))

@@ -17,6 +17,8 @@
 #include "simd.h"
 #endif
 
+#include "amx.h"
+
 namespace {
 
 #ifdef GLM4_INT4_KERNEL
@@ -88,8 +90,81 @@ void int4_rows(const uint16_t *xp, const float *sums, const uint8_t *w, const ui
     }
 }
 
+#ifdef GLM4_AMX_KERNEL
+// 64-column blocks ahead that int4_amx_rows asks for each row's line (into the next 16 rows at the
+// end of a row).
+constexpr int64_t INT4_AHEAD = 6;
+
+// The 64 columns from `block` of rows n0..n0+15 (the last row repeated past N) as bf16 128 + q, for
+// tiles: lo[i] the even columns of row n0 + i, hi[i] the odd ones.
+inline void int4_unpack16(uint16_t *lo, uint16_t *hi, const uint8_t *w, int64_t n0, int64_t N, int64_t K,
+                          int64_t block) {
+    const __m512i nibble = _mm512_set1_epi16(0x0F), exponent = _mm512_set1_epi16(0x4300);  // bf16 128
+    const int64_t blocks = K / 64;
+    int64_t ahead = block + INT4_AHEAD, ahead_n = n0;
+    while (ahead >= blocks) ahead -= blocks, ahead_n += 16;
+    for (int i = 0; i < 16; i++) {
+        if (block % 2 == 0 && ahead_n + i < N) _mm_prefetch((const char *)(w + (ahead_n + i) * (K / 2) + ahead * 32), _MM_HINT_T0);
+        const uint8_t *p = w + std::min(n0 + i, N - 1) * (K / 2) + block * 32;
+        __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+        _mm512_store_si512(lo + i * 32, _mm512_ternarylogic_epi32(bytes, nibble, exponent, 0xEA));
+        _mm512_store_si512(hi + i * 32, _mm512_or_si512(_mm512_srli_epi16(bytes, 4), exponent));
+    }
+}
+
+// int4_rows on AMX tiles, for the blocks of 16 rows r0..r1: per group, one tile op per 32 columns
+// multiplies the 16 rows' unpacked nibbles (tile A, from a buffer the next block is unpacked into
+// meanwhile) with x's column pairs (tile B, one column: xp as it is), adding into a float32 tile of
+// 16 rows x 1 that is then scaled as a vector of the 16 rows' scales and zeros. Each row's sums go
+// group after group, so the rows need no reduction across lanes. On the Intel development machine,
+// one thread, weights streamed from memory: 1.24x int4_rows on the bench's gate_up, 1.22x on its
+// down_proj, 1.17x on its lm_head (1.4x with the weights in cache).
+void int4_amx_rows(const uint16_t *xp, const float *sums, const uint8_t *w, const uint16_t *sz, uint16_t *y,
+                   int64_t K, int64_t group, int64_t N, int64_t r0, int64_t r1) {
+    const int64_t groups = K / group, per_group = group / 64;
+    const __m512i high_half = _mm512_set1_epi32((int)0xFFFF0000u);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    alignas(64) uint16_t a[2][2][16 * 32];  // [buffer][lo, hi]
+    alignas(64) float dots[16];
+    glm4_amx::Config config;  // tiles: 0 C; 1, 2 A (lo, hi); 3, 4 B (lo, hi)
+    _tile_loadconfig(&config.tile(0, 16, 4).tile(1, 16, 64).tile(2, 16, 64).tile(3, 16, 4).tile(4, 16, 4));
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t n0 = r * 16;
+        // Each row's (scale, zero) for group g at pairs[offsets[i] + g]; rows past N repeat the last.
+        const int32_t *pairs = reinterpret_cast<const int32_t *>(sz) + n0 * groups;
+        const __m512i offsets = _mm512_mullo_epi32(_mm512_min_epi32(lanes, _mm512_set1_epi32((int)(N - 1 - n0))),
+                                                   _mm512_set1_epi32((int)groups));
+        __m512 acc = _mm512_setzero_ps();
+        int4_unpack16(a[0][0], a[0][1], w, n0, N, K, 0);
+        for (int64_t g = 0, block = 0; g < groups; g++) {
+            _tile_zero(0);
+            for (int64_t end = block + per_group; block < end; block++) {
+                const int now = block % 2;
+                if (block + 1 < K / 64) int4_unpack16(a[1 - now][0], a[1 - now][1], w, n0, N, K, block + 1);
+                _tile_loadd(1, a[now][0], 64);
+                _tile_loadd(2, a[now][1], 64);
+                _tile_loadd(3, xp + block * 64, 4);
+                _tile_loadd(4, xp + block * 64 + 32, 4);
+                _tile_dpbf16ps(0, 1, 3);
+                _tile_dpbf16ps(0, 2, 4);
+            }
+            _tile_stored(0, dots, 4);
+            const __m512i sz16 = _mm512_i32gather_epi32(_mm512_add_epi32(offsets, _mm512_set1_epi32((int)g)), pairs, 4);
+            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz16, 16));
+            const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(sz16, high_half));
+            acc = _mm512_fmadd_ps(_mm512_load_ps(dots), scale, acc);
+            // + (zero - 136 scale) * sum x, over the group
+            const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), scale, zero);
+            acc = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[g]), acc);
+        }
+        _mm256_mask_storeu_epi16(y + n0, first(N - n0), (__m256i)_mm512_cvtneps_pbh(acc));
+    }
+    _tile_release();
+}
+#endif
+
 // y (N) = one row x (K) times the int4 weight w (N, K/2) with scales and zeros sz (N, K/group, 2),
-// on every thread.
+// on every thread (on AMX tiles where the CPU has them and they are on, see amx.h).
 inline void int4_linear_row(const uint16_t *xs, const uint8_t *w, const uint16_t *sz, uint16_t *out, int64_t K,
                             int64_t N, int64_t group) {
     std::vector<uint16_t> xp(K);
@@ -97,6 +172,14 @@ inline void int4_linear_row(const uint16_t *xs, const uint8_t *w, const uint16_t
     for (int64_t c = 0; c < K; c += 64)
         for (int64_t i = 0; i < 32; i++) xp[c + i] = xs[c + 2 * i], xp[c + 32 + i] = xs[c + 2 * i + 1];
     for (int64_t k = 0; k < K; k++) sums[k / group] += bf16_to_float(xs[k]);
+#ifdef GLM4_AMX_KERNEL
+    if (glm4_amx::on()) {
+        at::parallel_for(0, (N + 15) / 16, 4, [&](int64_t r0, int64_t r1) {
+            int4_amx_rows(xp.data(), sums.data(), w, sz, out, K, group, N, r0, r1);
+        });
+        return;
+    }
+#endif
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
         int4_rows(xp.data(), sums.data(), w, sz, out, K, group, n0, n1);
     });
