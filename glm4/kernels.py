@@ -6,7 +6,7 @@
   100 here. Long Z1 answers decode over thousands of positions, so that grows with every token.
 - `int4_linear` (csrc/int4_linear.cpp): one row times a group-wise int4 weight in glm4's stored
   layout, unpacked with bitwise ops and multiplied in bf16 pairs, where torch's CPU int4 kernel
-  is bound by its unpacking rather than by memory.
+  is bound by its unpacking rather than by memory; on AMX tiles where the CPU has them.
 - `bf16_linear` (csrc/bf16_linear.cpp): a few rows of bf16 times a plain bf16 weight in one
   pass over it, for eager and batched decoding, where oneDNN needs a packed copy of the weight
   and still runs 1.2-1.6x slower at 1 to 4 rows. On a CPU with AMX tiles it runs on them
@@ -134,11 +134,12 @@ def available(op: str = "decode_attention") -> bool:
 
 
 def set_amx(enabled: bool | None = None) -> bool:
-    """Turn the bf16 kernel's AMX path on or off (None: leave it); returns whether it runs now.
+    """Turn the kernels' AMX paths on or off (None: leave them); returns whether they run now.
 
     On a CPU with AMX tiles (Intel Xeon, Sapphire Rapids and later) the bf16 products of up to 32
     rows run on them by default (weights of a width that is a multiple of 32): as fast as the
-    vector path at one row, about twice at eight, and faster than oneDNN at up to 32. The two add
+    vector path at one row, about twice at eight, and faster than oneDNN at up to 32. So does the
+    int4 kernel's row (about 1.2-1.3x the vector path). The two add
     in different orders, so a row's numbers change with the switch (never with its batch): change
     it between generations, not within one. GLM4_AMX=0 in the environment starts with it off.
     """
