@@ -227,7 +227,8 @@ def test_on_amx_tiles_it_takes_32_rows(kernel_path):
 
 @needs_fused
 def test_twenty_rows_on_amx_tiles_equal_the_module_step(kernel_path):
-    """Two AMX passes' worth of rows (16 + 4): logits within bf16 rounding of the module's step."""
+    """Rows for both of the AMX pass's B tiles (16 + 4): logits within bf16 rounding of the module's
+    step."""
     model = model_of(INT4)
     if not fused.applies(model, 20):
         pytest.skip("no AMX tiles here")
@@ -297,9 +298,9 @@ def test_argmax_kernel_equals_torch():
 @pytest.mark.parametrize("shape,company", [(ODD, [2]), (INT4, list(range(1, 20)))])
 def test_a_rows_numbers_do_not_depend_on_its_company(shape, company, kernel_path):
     """Run for some batch rows of a larger cache (the engine's slots in use), a row's logits and
-    cache writes are the same bits alone or with others (19 others: two AMX passes where the CPU
-    has the tiles), over a context long enough for the attention to split its keys (one KV head,
-    2 threads)."""
+    cache writes are the same bits alone or with others (19 others: both B tiles of an AMX pass,
+    where the CPU has the tiles), over a context long enough for the attention to split its keys
+    (2 threads; one KV head in ODD)."""
     model = model_of(dict(shape, max_position_embeddings=1024))
     slots = max(company) + 1
     if not fused.applies(model, len(company) + 1):
