@@ -47,8 +47,18 @@ def fused_calls(prof) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == "glm4::decode_step")
 
 
-CASES = [(SHAPE, 1, None), (SHAPE, 3, None), (ODD, 1, None), (ODD, 3, None), (SHAPE, 1, "int8"),
-         (SHAPE, 3, "int8"), (ODD, 3, "int8"), (INT4, 1, "int4")]  # fmt: skip
+def assert_step_logits_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """A step's logits within bf16 rounding of the module's, and the module's greedy pick, or one
+    within bf16 rounding of it (a near-tie, which rounding decides)."""
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+    picks = torch.stack([got.argmax(-1), expected.argmax(-1)], dim=-1)
+    gap = expected.gather(-1, picks).diff(dim=-1).abs()
+    assert (gap <= 0.01 * expected.abs().max()).all(), gap.max() / expected.abs().max()
+
+
+CASES = [(SHAPE, 1, None), (SHAPE, 3, None), (SHAPE, 8, None), (ODD, 1, None), (ODD, 3, None),
+         (SHAPE, 1, "int8"), (SHAPE, 3, "int8"), (ODD, 3, "int8"), (ODD, 8, "int8"),
+         (INT4, 1, "int4")]  # fmt: skip
 
 
 @needs_fused
@@ -77,8 +87,7 @@ def test_one_step_equals_the_module_step(shape, batch, quantization, kernel_path
         expected = model.decode_step(*args, caches[0], torch.tensor([9]))
         got = step(*args, caches[1], torch.tensor([9]))
     assert got.dtype == torch.float32 and got.shape == (batch, shape["vocab_size"])
-    torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
-    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    assert_step_logits_close(got, expected)
     for ours, theirs in zip(
         caches[1].keys + caches[1].values, caches[0].keys + caches[0].values, strict=True
     ):
@@ -227,8 +236,8 @@ def test_on_amx_tiles_it_takes_32_rows(kernel_path):
 
 @needs_fused
 def test_twenty_rows_on_amx_tiles_equal_the_module_step(kernel_path):
-    """Rows for both of the AMX pass's B tiles (16 + 4): logits within bf16 rounding of the module's
-    step."""
+    """Rows for both of the AMX pass's B tiles (16 + 4), and enough for the per-row loops to spread
+    over the threads: logits within bf16 rounding of the module's step."""
     model = model_of(INT4)
     if not fused.applies(model, 20):
         pytest.skip("no AMX tiles here")
@@ -241,8 +250,7 @@ def test_twenty_rows_on_amx_tiles_equal_the_module_step(kernel_path):
             model(ids, past_key_values=cache)
         expected = model.decode_step(token, position, mask, caches[0], torch.tensor([5]))
         got = fused.fused_step(model, 20)(token, position, mask, caches[1], torch.tensor([5]))
-    torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
-    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    assert_step_logits_close(got, expected)
 
 
 @needs_fused
@@ -270,11 +278,12 @@ def test_bad_arguments_raise():
 
 @needs_fused
 def test_argmax_kernel_equals_torch():
-    """The greedy pick: the first of equal values, the first NaN, all -inf; rows of any length."""
+    """The greedy pick: the first of equal values, the first NaN, all -inf; rows of any length; a
+    few rows, and enough to spread over the threads."""
     g = torch.Generator().manual_seed(0)
-    for vocab in (16384, 16399, 151552):
+    for vocab, rows in ((16384, 3), (16399, 3), (151552, 3), (16399, 17)):
         for case in range(5):
-            x = torch.randn(3, vocab, generator=g)
+            x = torch.randn(rows, vocab, generator=g)
             if case == 1:
                 x = x.mul(2).round()  # many equal maxima
             elif case == 2:

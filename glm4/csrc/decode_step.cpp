@@ -7,8 +7,9 @@
 // about 2 ms of its 13 (bench model, 60 GB/s) around the matmuls: dynamo's entry, the wrapper's
 // ~200 calls, a parallel region per small fused op. Here the bf16 matmuls are linear.h's, the int8
 // ones widen the weights to float32 (exact) for float32 products and sums, with the same tiles
-// (one parallel region each), the attention is attention.h's, and everything else runs on the
-// calling thread over a row of at most a few thousand values, vectorised.
+// (one parallel region each), the attention is attention.h's, and everything else is vectorised
+// loops over a row of at most a few thousand values: on the calling thread for a few rows, spread
+// over the threads from ROWS_APART rows up (each_row).
 //
 // The arithmetic is the eager model's, rounding to bf16 wherever it does: after each norm (the
 // normalised row, then its product with the weight), each matmul (an int8 one after its scale),
@@ -19,6 +20,7 @@
 // Needs what linear.h needs (AVX-512BW and BF16) and AVX-512VL; built without them it only says
 // so (glm4_decode_step_supported() returns 0).
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -50,6 +52,24 @@ constexpr int NORMS = 4, PROJECTIONS = 6, PER_PROJECTION = 3;
 constexpr int PER_LAYER = NORMS + PROJECTIONS * PER_PROJECTION;
 // Rows a step takes (glm4/fused.py says when it pays: up to 8 on the vector kernels, 32 on AMX).
 constexpr int64_t MAX_STEP_ROWS = 32;
+// From this many rows the per-row loops (norms, rope, silu, the logits, the argmax) run on every
+// thread: at batch 32 on the 2-core development machine (AMX) they had left one thread waiting for
+// about a tenth of the step, and spreading them measured 1.08x (717 against 666 tok/s, means of 9
+// alternating runs); at batch 8 it measured no gain (287 against 293).
+constexpr int64_t ROWS_APART = 16;
+
+// fn(b) for each row b < B, spread over the threads from ROWS_APART rows up. Each row's numbers
+// are the same either way.
+template <typename F>
+void each_row(int64_t B, const F &fn) {
+    if (B < ROWS_APART) {
+        for (int64_t b = 0; b < B; b++) fn(b);
+        return;
+    }
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; b++) fn(b);
+    });
+}
 
 inline __m512 load(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -323,9 +343,18 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
             sin[b * (R + 16) + 2 * i + 1] = s;
         }
 
-    // Activations, (B, width) each.
-    std::vector<uint16_t> x(B * hidden), h(B * hidden), q(B * q_width), k(B * kv_width), v(B * kv_width),
-        attn(B * q_width), o(B * hidden), gate_up(B * 2 * inter), act(B * inter), logits(B * vocab);
+    // Activations, (B, width) each, in one buffer kept from step to step by the calling thread:
+    // allocating and zeroing them each step (the logits alone are B x vocab) was about 2% of a
+    // step at batch 32.
+    thread_local std::vector<uint16_t> arena;
+    const int64_t widths[] = {hidden, hidden, q_width, kv_width, kv_width, q_width, hidden, 2 * inter, inter, vocab};
+    int64_t total = 0;
+    for (int64_t w : widths) total += B * w;
+    if ((int64_t)arena.size() < total) arena.resize(total);
+    uint16_t *parts[10], *next = arena.data();
+    for (int i = 0; i < 10; i++) parts[i] = next, next += B * widths[i];
+    uint16_t *x = parts[0], *h = parts[1], *q = parts[2], *k = parts[3], *v = parts[4], *attn = parts[5],
+             *o = parts[6], *gate_up = parts[7], *act = parts[8], *logits = parts[9];
     const uint16_t *embedding = bits(embed);
     for (int64_t b = 0; b < B; b++) std::copy_n(embedding + tok[b] * hidden, hidden, &x[b * hidden]);
     const float epsilon = (float)eps;
@@ -333,41 +362,45 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
 
     for (int64_t l = 0; l < layers; l++) {
         const Layer &L = net[l];
-        for (int64_t b = 0; b < B; b++) rms_norm(&x[b * hidden], L.norm[0], nullptr, &h[b * hidden], hidden, epsilon);
-        L.q(h.data(), q.data(), B);
-        L.k(h.data(), k.data(), B);
-        L.v(h.data(), v.data(), B);
+        each_row(B, [&](int64_t b) { rms_norm(&x[b * hidden], L.norm[0], nullptr, &h[b * hidden], hidden, epsilon); });
+        L.q(h, q, B);
+        L.k(h, k, B);
+        L.v(h, v, B);
         uint16_t *kc = reinterpret_cast<uint16_t *>(keys[l].data_ptr()), *vc = reinterpret_cast<uint16_t *>(values[l].data_ptr());
-        for (int64_t b = 0; b < B; b++) {
+        each_row(B, [&](int64_t b) {
             rope(&q[b * q_width], Hq, D, R, &cos[b * (R + 16)], &sin[b * (R + 16)]);
             rope(&k[b * kv_width], Hkv, D, R, &cos[b * (R + 16)], &sin[b * (R + 16)]);
             for (int64_t j = 0; j < Hkv; j++) {
                 std::copy_n(&k[b * kv_width + j * D], D, kc + ((cache_row[b] * Hkv + j) * max_length + slot[b]) * D);
                 std::copy_n(&v[b * kv_width + j * D], D, vc + ((cache_row[b] * Hkv + j) * max_length + slot[b]) * D);
             }
-        }
+        });
         const int64_t strides[3] = {Hkv * max_length * D, max_length * D, D};
-        attend(q.data(), kc, vc, keep, attn.data(), B, Hkv, G, D, S, strides, strides, mask.stride(0), (float)scale,
+        attend(q, kc, vc, keep, attn, B, Hkv, G, D, S, strides, strides, mask.stride(0), (float)scale,
                cache_row.data(), C * Hkv);
-        L.o(attn.data(), o.data(), B);
-        for (int64_t b = 0; b < B; b++) {
+        L.o(attn, o, B);
+        each_row(B, [&](int64_t b) {
             uint16_t *xb = &x[b * hidden];
             rms_norm(&o[b * hidden], L.norm[1], xb, xb, hidden, epsilon);
             rms_norm(xb, L.norm[2], nullptr, &h[b * hidden], hidden, epsilon);
-        }
-        L.gate_up(h.data(), gate_up.data(), B);
-        for (int64_t b = 0; b < B; b++) silu_mul(&gate_up[b * 2 * inter], &act[b * inter], inter);
-        L.down(act.data(), o.data(), B);
-        for (int64_t b = 0; b < B; b++) rms_norm(&o[b * hidden], L.norm[3], &x[b * hidden], &x[b * hidden], hidden, epsilon);
+        });
+        L.gate_up(h, gate_up, B);
+        each_row(B, [&](int64_t b) { silu_mul(&gate_up[b * 2 * inter], &act[b * inter], inter); });
+        L.down(act, o, B);
+        each_row(B, [&](int64_t b) {
+            rms_norm(&o[b * hidden], L.norm[3], &x[b * hidden], &x[b * hidden], hidden, epsilon);
+        });
     }
-    for (int64_t b = 0; b < B; b++) rms_norm(&x[b * hidden], bits(final_norm), nullptr, &h[b * hidden], hidden, epsilon);
-    head(h.data(), logits.data(), B);
+    each_row(B, [&](int64_t b) { rms_norm(&x[b * hidden], bits(final_norm), nullptr, &h[b * hidden], hidden, epsilon); });
+    head(h, logits, B);
     at::Tensor out = at::empty({B, vocab}, tokens.options().dtype(at::kFloat));
     float *y = out.mutable_data_ptr<float>();
-    for (int64_t i = 0; i < B * vocab; i += 16) {
-        __mmask16 m = first(B * vocab - i);
-        _mm512_mask_storeu_ps(y + i, m, load(&logits[i], m));
-    }
+    each_row(B, [&](int64_t b) {
+        for (int64_t i = b * vocab; i < (b + 1) * vocab; i += 16) {
+            __mmask16 m = first((b + 1) * vocab - i);
+            _mm512_mask_storeu_ps(y + i, m, load(&logits[i], m));
+        }
+    });
     return out;
 #else
     TORCH_CHECK(false, "glm4::decode_step was built without AVX-512BW, VL and BF16");
@@ -386,7 +419,7 @@ at::Tensor argmax(const at::Tensor &logits_in) {
     const float *x = logits.const_data_ptr<float>();
     int64_t *best = out.mutable_data_ptr<int64_t>();
     const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int64_t b = 0; b < B; b++) {
+    each_row(B, [&](int64_t b) {
         const float *row = x + b * V;
         // Per lane: the largest value seen and the first block it was seen in (blocks of 16).
         __m512 top = _mm512_set1_ps(-INFINITY);
@@ -422,7 +455,7 @@ at::Tensor argmax(const at::Tensor &logits_in) {
                     break;
                 }
         best[b] = index;
-    }
+    });
     return out;
 #else
     TORCH_CHECK(false, "glm4::argmax was built without AVX-512BW, VL and BF16");
