@@ -7,7 +7,7 @@ import torch
 from helpers import tiny_config
 
 from glm4 import Glm4Config, Glm4ForCausalLM
-from glm4.modeling import rope_inv_freq
+from glm4.rope import rope_inv_freq
 
 # A fine-tune's config.json written by transformers 5.x (reference §1).
 V5 = {

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import hf_twin, random_ids, tiny_config, tiny_lm
 
-from glm4.modeling import Glm4RotaryEmbedding, apply_rotary
+from glm4.rope import Glm4RotaryEmbedding, apply_rotary
 
 GRID = {
     "gqa1": dict(num_attention_heads=4, num_key_value_heads=4),
