@@ -61,7 +61,7 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
     length, large enough that the kernel build pays (as `kernels.can_bf16_linear`), and the kernels
     built for this CPU."""
     from glm4 import parallel
-    from glm4.linear import KERNEL_ROWS, Linear, kernel_rows
+    from glm4.linear import KERNEL_ROWS, Linear, int8_kernel_rows, kernel_rows
     from glm4.quantization import Int4Linear, Int8Linear
 
     if not hasattr(model, "lm_head") or model.training or parallel.is_tensor_parallel():
@@ -74,8 +74,10 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
 
     def rows(m: torch.nn.Module) -> int:
         # As a Linear's rows: with packed copies oneDNN is faster from 5 rows on, in the compiled
-        # step, but for the AMX tiles (bf16 weights only).
-        return kernel_rows(m.in_features, packed) if type(m) is Linear else KERNEL_ROWS
+        # step, but for the AMX tiles (bf16 weights only). int8 as its layers.
+        if type(m) is Linear:
+            return kernel_rows(m.in_features, packed)
+        return int8_kernel_rows(m.in_features) if type(m) is Int8Linear else KERNEL_ROWS
 
     return (
         batch_size >= 1

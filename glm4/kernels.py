@@ -7,13 +7,16 @@
 - `int4_linear` (csrc/int4_linear.cpp): one row times a group-wise int4 weight in glm4's stored
   layout, unpacked with bitwise ops and multiplied in bf16 pairs, where torch's CPU int4 kernel
   is bound by its unpacking rather than by memory; on AMX tiles where the CPU has them.
+- `int8_linear` (csrc/int8_linear.cpp, int8.h): a few rows of bf16 times glm4's int8 weight with
+  its per-row scales, widening the weight for float32 FMAs, or on AMX-INT8 tiles with x split
+  exactly into 8-bit digits; torch's int8 kernel is 2-4x slower at 1 to 32 rows.
 - `bf16_linear` (csrc/bf16_linear.cpp): a few rows of bf16 times a plain bf16 weight in one
   pass over it, for eager and batched decoding, where oneDNN needs a packed copy of the weight
   and still runs 1.2-1.6x slower at 1 to 4 rows. On a CPU with AMX tiles it runs on them
   (csrc/linear.h, amx.h; `set_amx`).
 - `decode_step` (csrc/decode_step.cpp): a Glm4ForCausalLM's whole decode step in one call, its
   projections bf16, int8 or int4, over the cores of the kernels above (csrc/attention.h, linear.h,
-  int4.h; see glm4/fused.py); and `argmax`, the greedy pick from float logits.
+  int8.h, int4.h; see glm4/fused.py); and `argmax`, the greedy pick from float logits.
 
 All are registered as torch ops (declared here, their CPU kernels registered by the library), so
 a compiled step calls C++ directly: the same kernel called from Python through ctypes spent 20-30 us
@@ -21,8 +24,8 @@ a call around 10 of work. The library is compiled with `-march=native` (g++, or 
 torch's headers into a cache folder ($GLM4_KERNEL_CACHE, or ~/.cache/glm4/kernels) under a name
 that hashes the sources, the command, torch's version and this CPU's flags, so that a home folder
 shared between machines never hands one a binary built for another. Where it cannot be built (no
-compiler, not Linux on x86-64), where the CPU lacks the instructions (AVX-512F; for the two
-linears also AVX-512BW and BF16; for decode_step and argmax AVX-512BW, VL and BF16), or with
+compiler, not Linux on x86-64), where the CPU lacks the instructions (AVX-512F; for the
+linears also AVX-512BW and BF16, and VL for int8; for decode_step and argmax AVX-512BW, VL and BF16), or with
 GLM4_CPU_KERNELS=0, `available(op)` says False and the model keeps its float path, torch's kernel
 or oneDNN.
 """
@@ -43,7 +46,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-OPS = ("decode_attention", "int4_linear", "bf16_linear", "decode_step")
+OPS = ("decode_attention", "int4_linear", "int8_linear", "bf16_linear", "decode_step")
 SOURCES = [Path(__file__).with_name("csrc") / f"{op}.cpp" for op in OPS]
 HEAD_DIMS = (64, 128, 256)
 # Smaller weights (a toy model's) spend more in the call than in the product: not worth the build.
@@ -182,6 +185,22 @@ def can_bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def can_int8(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `int8_linear` runs x @ (weight * scales).T: bf16 x and an int8 weight on the CPU, a
+    contiguous weight of at least BF16_LINEAR_MIN_WEIGHT elements, nothing that needs gradients.
+    The caller picks the rows (`linear.int8_kernel_rows`)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.int8
+        and weight.dim() == 2
+        and weight.numel() >= BF16_LINEAR_MIN_WEIGHT
+        and weight.is_contiguous()
+        and _inference(x)
+        and available("int8_linear")
+    )
+
+
 def can_int4(x: torch.Tensor, group_size: int) -> bool:
     """Whether `int4_linear` runs x: one bf16 row on the CPU, groups of a multiple of 64 columns."""
     return (
@@ -198,6 +217,7 @@ _ops = torch.library.Library("glm4", "FRAGMENT")
 _ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
 _ops.define("int4_linear(Tensor x, Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor")
 _ops.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
+_ops.define("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor")
 _ops.define(
     "decode_step(Tensor tokens, Tensor positions, Tensor mask, Tensor cache_position, Tensor[] weights, "
     "Tensor(a!)[] keys, Tensor(b!)[] values, Tensor inv_freq, float rope_scale, float eps, float scale, "
@@ -218,6 +238,13 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ weight.T for bf16 x and weight (N, K), without bias, in one pass over the
     weight for up to 8 rows of x at a time (32 on AMX tiles). Check `can_bf16_linear` first."""
     return torch.ops.glm4.bf16_linear(x, weight)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ (weight * scales[:, None]).T for bf16 x, the int8 weight (N, K) and bf16 scales
+    (N) of `quantization.Int8Linear` (without bias), in one pass over the weight for up to 8 rows
+    of x at a time (any number on AMX tiles)."""
+    return torch.ops.glm4.int8_linear(x, weight, scales)
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
@@ -273,6 +300,11 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | No
 
 @torch.library.register_fake("glm4::int4_linear")
 def _(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("glm4::int8_linear")
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 

@@ -224,21 +224,25 @@ def test_where_it_applies(monkeypatch):
 @needs_fused
 def test_on_amx_tiles_it_takes_32_rows(kernel_path):
     """On AMX tiles the step takes up to 32 rows of a bf16 model whose matmul widths are multiples
-    of 32 (SHAPE's down_proj is 200 wide: 8 rows, as on the vector kernel; so are int8 weights)."""
+    of 32, or an int8 one's of 64 (SHAPE's down_proj is 200 wide: 8 rows, as on the vector kernel)."""
     even, amx = model_of(INT4), kernel_path == "amx"
     assert fused.applies(even, 32) == amx and fused.applies(even, 9) == amx and not fused.applies(even, 33)
     assert fused.applies(even, 8) and not fused.applies(model_of(SHAPE), 9)
-    assert not fused.applies(model_of(INT4, quantization="int8"), 9)
+    int8 = model_of(INT4, quantization="int8")
+    assert fused.applies(int8, 8) and fused.applies(int8, 32) == amx and not fused.applies(int8, 33)
+    assert not fused.applies(model_of(SHAPE, quantization="int8"), 9)
     if amx and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         even.pack_weights()  # the tiles are faster than oneDNN on its copy too
         assert fused.applies(even, 32)
 
 
 @needs_fused
-def test_twenty_rows_on_amx_tiles_equal_the_module_step(kernel_path):
-    """Rows for both of the AMX pass's B tiles (16 + 4), and enough for the per-row loops to spread
-    over the threads: logits within bf16 rounding of the module's step."""
-    model = model_of(INT4)
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_twenty_rows_on_amx_tiles_equal_the_module_step(quantization, kernel_path):
+    """Rows for both of the AMX pass's B tiles (16 + 4; int8: two passes of 15 and 5 rows), and
+    enough for the per-row loops to spread over the threads: logits within bf16 rounding of the
+    module's step."""
+    model = model_of(INT4, quantization=quantization)
     if not fused.applies(model, 20):
         pytest.skip("no AMX tiles here")
     ids = random_ids(20, 5, vocab=2048, seed=1)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from helpers import random_ids, tiny_lm
+from helpers import random_ids, tiny_lm, with_threads
 
 import glm4.attention
 import glm4.linear
@@ -299,15 +299,6 @@ def test_a_compiled_step_asks_for_the_kernels_before_tracing(monkeypatch):
 needs_bf16_linear = pytest.mark.skipif(
     not kernels.available("bf16_linear"), reason="no C++ compiler, or no AVX-512BW and BF16 here"
 )
-
-
-def with_threads(threads: int, fn):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(previous)
 
 
 @needs_bf16_linear

@@ -1,13 +1,13 @@
 // Intel AMX tiles for the kernels: whether this process may use them, and their configuration.
 //
-// Built with -march=native on a CPU with AMX-TILE and AMX-BF16 (Sapphire Rapids and later Xeons),
-// GLM4_AMX_KERNEL is defined. Linux hands the tiles' state to a process only on request
+// Built with -march=native on a CPU with AMX-TILE, AMX-BF16 and AMX-INT8 (Sapphire Rapids and later
+// Xeons), GLM4_AMX_KERNEL is defined. Linux hands the tiles' state to a process only on request
 // (arch_prctl), and each thread must load a tile configuration before its first tile op and
 // should release the tiles after its last, so that a context switch need not save 8 KiB of tile
 // state.
 #pragma once
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__linux__)
 #define GLM4_AMX_KERNEL 1
 
 #include <immintrin.h>

@@ -33,6 +33,7 @@
 
 #include "attention.h"
 #include "int4.h"
+#include "int8.h"
 #include "linear.h"
 
 #if defined(GLM4_BF16_LINEAR_KERNEL) && defined(GLM4_INT4_KERNEL) && defined(__AVX512VL__)
@@ -71,10 +72,6 @@ void each_row(int64_t B, const F &fn) {
     });
 }
 
-inline __m512 load(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
 inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }  // round to nearest even
 
 inline void store(uint16_t *p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16(v)); }
@@ -88,14 +85,14 @@ inline __m512 rounded(__m512 v) {  // v rounded to bf16, as a float again
 void rms_norm(const uint16_t *x, const uint16_t *w, const uint16_t *residual, uint16_t *out, int64_t n, float eps) {
     __m512 ss = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
-        __m512 v = load(x + i, first(n - i));
+        __m512 v = load_bf16(x + i, first(n - i));
         ss = _mm512_fmadd_ps(v, v, ss);
     }
     const __m512 r = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / (float)n + eps));
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 m = first(n - i);
-        __m512 y = rounded(_mm512_mul_ps(load(w + i, m), rounded(_mm512_mul_ps(load(x + i, m), r))));
-        if (residual) y = _mm512_add_ps(load(residual + i, m), y);
+        __m512 y = rounded(_mm512_mul_ps(load_bf16(w + i, m), rounded(_mm512_mul_ps(load_bf16(x + i, m), r))));
+        if (residual) y = _mm512_add_ps(load_bf16(residual + i, m), y);
         store(out + i, y, m);
     }
 }
@@ -103,7 +100,7 @@ void rms_norm(const uint16_t *x, const uint16_t *w, const uint16_t *residual, ui
 inline void add_bias(uint16_t *y, const uint16_t *b, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 m = first(n - i);
-        store(y + i, _mm512_add_ps(load(y + i, m), load(b + i, m)), m);
+        store(y + i, _mm512_add_ps(load_bf16(y + i, m), load_bf16(b + i, m)), m);
     }
 }
 
@@ -112,9 +109,9 @@ void silu_mul(const uint16_t *gate_up, uint16_t *act, int64_t n) {
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 m = first(n - i);
-        __m512 g = load(gate_up + i, m);
+        __m512 g = load_bf16(gate_up + i, m);
         __m512 silu = rounded(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-        store(act + i, _mm512_mul_ps(load(gate_up + n + i, m), silu), m);
+        store(act + i, _mm512_mul_ps(load_bf16(gate_up + n + i, m), silu), m);
     }
 }
 
@@ -125,7 +122,7 @@ void rope(uint16_t *x, int64_t heads, int64_t D, int64_t R, const float *cos, co
         for (int64_t i = 0; i < R; i += 16) {
             __mmask16 m = first(R - i);
             uint16_t *p = x + h * D + i;
-            __m512 v = load(p, m), swapped = _mm512_permute_ps(v, 0xB1);  // (b, a) per pair
+            __m512 v = load_bf16(p, m), swapped = _mm512_permute_ps(v, 0xB1);  // (b, a) per pair
             __m512 a = rounded(_mm512_mul_ps(v, _mm512_loadu_ps(cos + i)));
             __m512 b = rounded(_mm512_mul_ps(swapped, _mm512_loadu_ps(sin + i)));
             store(p, _mm512_add_ps(a, b), m);
@@ -134,73 +131,6 @@ void rope(uint16_t *x, int64_t heads, int64_t D, int64_t R, const float *cos, co
 
 const uint16_t *bits(const at::Tensor &t) {
     return t.numel() ? reinterpret_cast<const uint16_t *>(t.const_data_ptr()) : nullptr;
-}
-
-// y[m, r[j]] = bf16(scale[r[j]] * x[m] . w[r[j]]) for M <= 4 rows of float x and NB int8 weight
-// rows: the weights widened to float32 (exact), products and sums in float32.
-template <int M, int NB>
-inline void int8_tile(const float *x, const int8_t *const *w, const uint16_t *scales, uint16_t *y, int64_t K,
-                      int64_t N, const int64_t *r) {
-    __m512 a[16];  // (m, j, half of 32 columns)
-    for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32)
-        for (int j = 0; j < NB; j++) {
-            prefetch_ahead(w[j] + k);
-            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w[j] + k))));
-            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w[j] + k + 16))));
-            for (int m = 0; m < M; m++) {
-                a[(m * NB + j) * 2] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), a[(m * NB + j) * 2]);
-                a[(m * NB + j) * 2 + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), a[(m * NB + j) * 2 + 1]);
-            }
-        }
-    for (; k < K; k += 16) {  // the last K % 32 columns
-        __mmask16 tail = first(K - k);
-        for (int j = 0; j < NB; j++) {
-            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, w[j] + k)));
-            for (int m = 0; m < M; m++)
-                a[(m * NB + j) * 2] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + m * K + k), a[(m * NB + j) * 2]);
-        }
-    }
-    alignas(64) float sums[16];
-    _mm512_store_ps(sums, reduce16(a));
-    for (int m = 0; m < M; m++)
-        for (int j = 0; j < NB; j++)
-            y[m * N + r[j]] = float_to_bf16((sums[(m * NB + j) * 2] + sums[(m * NB + j) * 2 + 1]) * bf16_to_float(scales[r[j]]));
-}
-
-template <int NB>
-void int8_rows_times(const float *x, const int8_t *w, const uint16_t *scales, uint16_t *y, int64_t M, int64_t K,
-                     int64_t N, const int64_t *r) {
-    const int8_t *wr[NB];
-    for (int j = 0; j < NB; j++) wr[j] = w + r[j] * K;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // passes of 4 rows; the tile's weights stay in L1 between them
-        const float *xm = x + m0 * K;
-        uint16_t *ym = y + m0 * N;
-        switch (std::min<int64_t>(M - m0, 4)) {
-            case 1: int8_tile<1, NB>(xm, wr, scales, ym, K, N, r); break;
-            case 2: int8_tile<2, NB>(xm, wr, scales, ym, K, N, r); break;
-            case 3: int8_tile<3, NB>(xm, wr, scales, ym, K, N, r); break;
-            default: int8_tile<4, NB>(xm, wr, scales, ym, K, N, r); break;
-        }
-    }
-}
-
-// y (M, N) = x (M, K) @ (w * scales)^T for an int8 w (N, K), scales (N) bf16; tiles of two rows half
-// the matrix apart, as linear_rows.
-void int8_linear_rows(const uint16_t *x, const int8_t *w, const uint16_t *scales, uint16_t *y, int64_t M,
-                      int64_t K, int64_t N) {
-    std::vector<float> xf(M * K);
-    for (int64_t i = 0; i < M * K; i += 16) {
-        __mmask16 m = first(M * K - i);
-        _mm512_mask_storeu_ps(&xf[i], m, load(x + i, m));
-    }
-    for_each_tile(N, [&](const int64_t *r, int rows) {
-        if (rows == 2)
-            int8_rows_times<2>(xf.data(), w, scales, y, M, K, N, r);
-        else
-            int8_rows_times<1>(xf.data(), w, scales, y, M, K, N, r);
-    });
 }
 
 // One projection of the weights list: y = x W^T (+ bias), W bf16, int8 with per-row scales, or int4
@@ -398,7 +328,7 @@ at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, co
     each_row(B, [&](int64_t b) {
         for (int64_t i = b * vocab; i < (b + 1) * vocab; i += 16) {
             __mmask16 m = first((b + 1) * vocab - i);
-            _mm512_mask_storeu_ps(y + i, m, load(&logits[i], m));
+            _mm512_mask_storeu_ps(y + i, m, load_bf16(&logits[i], m));
         }
     });
     return out;

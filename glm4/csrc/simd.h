@@ -14,6 +14,13 @@ constexpr int64_t PREFETCH = 4096;
 
 inline void prefetch_ahead(const void *p) { _mm_prefetch(static_cast<const char *>(p) + PREFETCH, _MM_HINT_T0); }
 
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+// The 16 bf16 values at p (the lanes of m; the others 0) as float32: bf16 is a float32's top half.
+inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+#endif
+
 // A mask of the first n of 16 lanes.
 inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 

@@ -1,0 +1,225 @@
+// The int8 kernels of the fused decode step (decode_step.cpp): y = x (q * scale)^T for glm4's
+// weight-only int8 (q int8 (N, K), one bf16 scale per output row) over raw buffers, for up to 32
+// rows of x: widening q to float32 for float32 FMAs, or on AMX-INT8 tiles (int8_amx_rows).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include "bf16.h"
+#include "linear.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(GLM4_BF16_LINEAR_KERNEL) && defined(__AVX512VL__)
+#define GLM4_INT8_KERNEL 1
+#endif
+
+namespace {
+
+#ifdef GLM4_INT8_KERNEL
+
+// y[m, r[j]] = bf16(scale[r[j]] * x[m] . w[r[j]]) for M <= 4 rows of float x and NB int8 weight
+// rows: the weights widened to float32 (exact), products and sums in float32.
+template <int M, int NB>
+inline void int8_tile(const float *x, const int8_t *const *w, const uint16_t *scales, uint16_t *y, int64_t K,
+                      int64_t N, const int64_t *r) {
+    __m512 a[16];  // (m, j, half of 32 columns)
+    for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32)
+        for (int j = 0; j < NB; j++) {
+            prefetch_ahead(w[j] + k);
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w[j] + k))));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w[j] + k + 16))));
+            for (int m = 0; m < M; m++) {
+                a[(m * NB + j) * 2] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), a[(m * NB + j) * 2]);
+                a[(m * NB + j) * 2 + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), a[(m * NB + j) * 2 + 1]);
+            }
+        }
+    for (; k < K; k += 16) {  // the last K % 32 columns
+        __mmask16 tail = first(K - k);
+        for (int j = 0; j < NB; j++) {
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, w[j] + k)));
+            for (int m = 0; m < M; m++)
+                a[(m * NB + j) * 2] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + m * K + k), a[(m * NB + j) * 2]);
+        }
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, reduce16(a));
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < NB; j++)
+            y[m * N + r[j]] = float_to_bf16((sums[(m * NB + j) * 2] + sums[(m * NB + j) * 2 + 1]) * bf16_to_float(scales[r[j]]));
+}
+
+template <int NB>
+inline void int8_rows_times(const float *x, const int8_t *w, const uint16_t *scales, uint16_t *y, int64_t M, int64_t K,
+                     int64_t N, const int64_t *r) {
+    const int8_t *wr[NB];
+    for (int j = 0; j < NB; j++) wr[j] = w + r[j] * K;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // passes of 4 rows; the tile's weights stay in L1 between them
+        const float *xm = x + m0 * K;
+        uint16_t *ym = y + m0 * N;
+        switch (std::min<int64_t>(M - m0, 4)) {
+            case 1: int8_tile<1, NB>(xm, wr, scales, ym, K, N, r); break;
+            case 2: int8_tile<2, NB>(xm, wr, scales, ym, K, N, r); break;
+            case 3: int8_tile<3, NB>(xm, wr, scales, ym, K, N, r); break;
+            default: int8_tile<4, NB>(xm, wr, scales, ym, K, N, r); break;
+        }
+    }
+}
+
+#ifdef GLM4_AMX_KERNEL
+// Rows of x per pass over a block of weight rows: three int32 C tiles of 5 rows x 3 digits.
+constexpr int64_t INT8_PASS_ROWS = 15, INT8_TILE_ROWS = 5, INT8_DIGITS = 3;
+// The widths whose int32 sums cannot overflow: |q * digit| <= 2^14.
+constexpr int64_t INT8_AMX_MAX_K = 1 << 17;
+
+// x's M rows as the B tiles of int8_amx_rows: each row split, exactly but for its values below
+// 2^-23 of its largest, into INT8_DIGITS signed 8-bit digits of one fixed-point unit per row,
+// x = unit * (d0 + d1 / 256 + d2 / 65536) with unit a power of two. Per pass p, step s (64
+// columns) and C tile t, 16 rows of 64 bytes: row j holds columns 4j..4j+3 of each of the tile's
+// rows of x, as its three digits' dwords in turn (tile column 3 * row + digit).
+inline void int8_digits(const uint16_t *x, int64_t M, int64_t K, int8_t *b, float *unit) {
+    const int64_t steps = K / 64;
+    const __m128i dwords = _mm_setr_epi32(0, 16, 32, 48);  // 4 dwords down 4 tile rows of 64 bytes
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *row = x + m * K;
+        __m512 top = _mm512_setzero_ps();
+        __mmask16 special = 0;  // NaN or infinite lanes
+        for (int64_t k = 0; k < K; k += 16) {
+            const __m512 v = load_bf16(row + k, 0xFFFF);
+            top = _mm512_max_ps(top, _mm512_abs_ps(v));
+            special |= _mm512_fpclass_ps_mask(v, 0x99);  // QNaN, SNaN, +inf, -inf
+        }
+        const float largest = _mm512_reduce_max_ps(top);
+        int e = 0;
+        std::frexp(largest / 126.0f, &e);  // largest / 2^e in (63, 126]: the top digit stays within int8
+        // A NaN or an infinity in x makes all of the row's outputs NaN (the FMAs: NaN or +-inf).
+        unit[m] = special ? NAN : largest > 0 ? std::ldexp(1.0f, e) : 0.0f;
+        const __m512 shift = _mm512_set1_ps((float)(16 - e));
+        const int64_t p = m / INT8_PASS_ROWS, t = m % INT8_PASS_ROWS / INT8_TILE_ROWS, r = m % INT8_TILE_ROWS;
+        for (int64_t k = 0; k < K; k += 16) {
+            // x * 2^(16 - e) is exact, an integer (but for values below 2^(e - 16)) of at most 23 bits.
+            const __m512i X = _mm512_cvtps_epi32(_mm512_scalef_ps(load_bf16(row + k, 0xFFFF), shift));
+            const __m512i d2 = _mm512_srai_epi32(_mm512_slli_epi32(X, 24), 24);  // balanced: -128..127
+            const __m512i X1 = _mm512_srai_epi32(_mm512_sub_epi32(X, d2), 8);
+            const __m512i d1 = _mm512_srai_epi32(_mm512_slli_epi32(X1, 24), 24);
+            const __m512i d0 = _mm512_srai_epi32(_mm512_sub_epi32(X1, d1), 8);
+            const __m512i digits[INT8_DIGITS] = {d0, d1, d2};
+            int8_t *tile = b + ((p * steps + k / 64) * 3 + t) * 1024 + (k % 64) / 4 * 64;
+            for (int d = 0; d < INT8_DIGITS; d++)
+                _mm_i32scatter_epi32(tile + (r * INT8_DIGITS + d) * 4, dwords, _mm512_cvtepi32_epi8(digits[d]), 4);
+        }
+    }
+}
+
+// int8_linear_rows on AMX-INT8 tiles, for K a multiple of 64. Each thread takes its blocks of 16
+// weight rows; per step of 64 columns the block's rows (tile A, loaded from the weight as stored:
+// no widening) multiply up to 15 rows of x as digits (int8_digits: up to three B tiles), adding
+// into int32 tiles C (16 weight rows x 5 rows' 3 digits) that are exact for any K below 2^17. A
+// row's output is then unit * (c0 + c1 / 256 + c2 / 65536) * scale, rounded once: it does not
+// depend on the other rows. The weight's lines are asked for AMX_AHEAD steps on, as amx_linear_rows.
+inline void int8_amx_rows(const uint16_t *x, const int8_t *w, const uint16_t *scales, uint16_t *y, int64_t M,
+                          int64_t K, int64_t N) {
+    const int64_t steps = K / 64, blocks = (N + 15) / 16, passes = (M + INT8_PASS_ROWS - 1) / INT8_PASS_ROWS;
+    thread_local std::vector<int8_t> kept;  // every byte the tiles read is written: no clearing
+    kept.resize(passes * steps * 3 * 1024);
+    int8_t *b = kept.data();  // (the workers' own `kept` are other vectors)
+    std::vector<float> unit(M);
+    int8_digits(x, M, K, b, unit.data());
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        alignas(64) int32_t c[3][16 * 16];
+        const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(16));
+        int64_t configured = -1;  // rows * passes + pass as configured
+        int64_t ahead_block = b0 + AMX_AHEAD / steps, ahead_step = AMX_AHEAD % steps;
+        for (int64_t block = b0; block < b1; block++) {
+            const int rows = (int)std::min<int64_t>(16, N - block * 16);
+            const int8_t *wb = w + block * 16 * K;
+            const __mmask16 out = first(rows);
+            const __m512 scale = load_bf16(scales + block * 16, out);
+            for (int64_t p = 0; p < passes; p++) {
+                const int64_t in_pass = std::min<int64_t>(INT8_PASS_ROWS, M - p * INT8_PASS_ROWS);
+                const int tiles = (int)((in_pass + INT8_TILE_ROWS - 1) / INT8_TILE_ROWS);
+                if (rows * passes + p != configured) {  // tiles: 0-2 C; 3 A; 4-6 B
+                    glm4_amx::Config config;
+                    config.tile(3, rows, 64);
+                    for (int t = 0; t < tiles; t++) {
+                        const int width = (int)std::min<int64_t>(INT8_TILE_ROWS, in_pass - t * INT8_TILE_ROWS) * INT8_DIGITS * 4;
+                        config.tile(t, rows, width).tile(4 + t, 16, width);
+                    }
+                    _tile_loadconfig(&config);
+                    configured = rows * passes + p;
+                }
+                _tile_zero(0);  // (tile numbers are constants)
+                if (tiles > 1) _tile_zero(1);
+                if (tiles > 2) _tile_zero(2);
+                const int8_t *bp = b + p * steps * 3 * 1024;
+                for (int64_t s = 0; s < steps; s++) {
+                    if (p == 0) {  // later passes find the block's lines in cache
+                        if (ahead_block < blocks) {
+                            const char *line = reinterpret_cast<const char *>(w + ahead_block * 16 * K + ahead_step * 64);
+                            for (int64_t i = 0; i < std::min<int64_t>(16, N - ahead_block * 16); i++)
+                                _mm_prefetch(line + i * K, _MM_HINT_T0);
+                        }
+                        if (++ahead_step == steps) ahead_step = 0, ahead_block++;
+                    }
+                    _tile_loadd(3, wb + s * 64, K);
+                    _tile_loadd(4, bp + s * 3 * 1024, 64);
+                    _tile_dpbssd(0, 3, 4);
+                    if (tiles > 1) {
+                        _tile_loadd(5, bp + s * 3 * 1024 + 1024, 64);
+                        _tile_dpbssd(1, 3, 5);
+                    }
+                    if (tiles > 2) {
+                        _tile_loadd(6, bp + s * 3 * 1024 + 2048, 64);
+                        _tile_dpbssd(2, 3, 6);
+                    }
+                }
+                _tile_stored(0, c[0], 64);
+                if (tiles > 1) _tile_stored(1, c[1], 64);
+                if (tiles > 2) _tile_stored(2, c[2], 64);
+                for (int64_t m = 0; m < in_pass; m++) {  // the row's three digit columns, down the 16 weight rows
+                    const int32_t *col = c[m / INT8_TILE_ROWS] + m % INT8_TILE_ROWS * INT8_DIGITS;
+                    __m512 sum = _mm512_cvtepi32_ps(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), out, lanes, col, 4));
+                    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), out, lanes, col + 1, 4)),
+                                          _mm512_set1_ps(1.0f / 256), sum);
+                    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), out, lanes, col + 2, 4)),
+                                          _mm512_set1_ps(1.0f / 65536), sum);
+                    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(sum, _mm512_set1_ps(unit[p * INT8_PASS_ROWS + m])), scale);
+                    _mm256_mask_storeu_epi16(y + (p * INT8_PASS_ROWS + m) * N + block * 16, out, (__m256i)_mm512_cvtneps_pbh(v));
+                }
+            }
+        }
+        if (configured >= 0) _tile_release();
+    });
+}
+#endif
+
+// y (M, N) = x (M, K) @ (w * scales)^T for an int8 w (N, K), scales (N) bf16, on every thread: on
+// AMX-INT8 tiles where the CPU has them and K allows (which depends on the weight, not on M), else
+// in tiles of two weight rows half the matrix apart, as linear_rows.
+inline void int8_linear_rows(const uint16_t *x, const int8_t *w, const uint16_t *scales, uint16_t *y, int64_t M,
+                             int64_t K, int64_t N) {
+#ifdef GLM4_AMX_KERNEL
+    if (K % 64 == 0 && K < INT8_AMX_MAX_K && glm4_amx::on()) return int8_amx_rows(x, w, scales, y, M, K, N);
+#endif
+    std::vector<float> xf(M * K);
+    for (int64_t i = 0; i < M * K; i += 16) {
+        __mmask16 m = first(M * K - i);
+        _mm512_mask_storeu_ps(&xf[i], m, load_bf16(x + i, m));
+    }
+    for_each_tile(N, [&](const int64_t *r, int rows) {
+        if (rows == 2)
+            int8_rows_times<2>(xf.data(), w, scales, y, M, K, N, r);
+        else
+            int8_rows_times<1>(xf.data(), w, scales, y, M, K, N, r);
+    });
+}
+
+#endif  // GLM4_INT8_KERNEL
+
+}  // namespace

@@ -1,0 +1,54 @@
+// A few rows of bf16 activations times glm4's weight-only int8 weight: q (N, K) int8 with one bf16
+// scale per output row, y = x (q * scale)^T. The fused decode step's int8 matmuls (int8.h), as an
+// op of their own: up to 8 rows widen q to float32 for float32 FMAs (exact products), and on a CPU
+// with AMX tiles any number of rows multiply q as stored with x split exactly into 8-bit digits.
+// Needs AVX-512BW, VL and BF16; built without them it only says so (glm4_int8_linear_supported()
+// returns 0), and glm4 keeps torch's kernel.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "int8.h"
+
+namespace {
+
+// x (..., K) bf16; weight (N, K) int8; scales (N) bf16. Returns x @ (weight * scales).T, (..., N).
+at::Tensor int8_linear(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &scales) {
+#ifdef GLM4_INT8_KERNEL
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kChar &&
+                    scales.scalar_type() == at::kBFloat16,
+                "glm4::int8_linear takes bfloat16 x and scales, int8 weight");
+    TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1) && weight.size(1) > 0 &&
+                    scales.numel() == weight.size(0),
+                "glm4::int8_linear: x (..., K), weight (N, K), K > 0, and N scales");
+    const int64_t K = weight.size(1), N = weight.size(0), M = x.numel() / K;
+    at::Tensor xc = x.contiguous(), wc = weight.contiguous(), sc = scales.contiguous();
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    at::Tensor y = at::empty(shape, x.options());
+    if (y.numel() == 0) return y;
+    int8_linear_rows(reinterpret_cast<const uint16_t *>(xc.const_data_ptr()), wc.const_data_ptr<int8_t>(),
+                     reinterpret_cast<const uint16_t *>(sc.const_data_ptr()),
+                     reinterpret_cast<uint16_t *>(y.mutable_data_ptr()), M, K, N);
+    return y;
+#else
+    TORCH_CHECK(false, "glm4::int8_linear was built without AVX-512BW, VL and BF16");
+#endif
+}
+
+}  // namespace
+
+extern "C" int glm4_int8_linear_supported() {
+#ifdef GLM4_INT8_KERNEL
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+TORCH_LIBRARY_IMPL(glm4, CPU, m) { m.impl("int8_linear", &int8_linear); }
