@@ -258,6 +258,38 @@ def test_int4_layers_take_the_kernel_for_one_row_only(monkeypatch):
 
 
 @needs_int4_kernel
+@pytest.mark.parametrize("shape", [(48, 64, 64), (304, 256, 128), (17, 512, 256), (40, 96, 32)])
+def test_int4_dequantize_kernel_is_the_python_dequantize(shape):
+    """The same bf16 weight as `Int4Linear.dequantize().bfloat16()`, bit for bit."""
+    out_features, in_features, group_size = shape
+    layer = int4_layer(out_features, in_features, group_size, seed=sum(shape))
+    ours = kernels.int4_dequantize(layer.weight, layer.scales_and_zeros, group_size)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, layer.dequantize().bfloat16())
+
+
+@needs_int4_kernel
+def test_int4_layers_dequantize_into_the_matmul_from_16_rows(monkeypatch):
+    """Prefill-sized inputs: the weight dequantized by glm4's kernel into the library's bf16 matmul,
+    the same numbers as the Python dequantize would give; fewer rows keep torch's int4 kernel, and
+    toy layers (fewer than BF16_LINEAR_MIN_WEIGHT weights) the Python path."""
+    from glm4.quantization import INT4_DEQUANTIZE_ROWS
+
+    layer = int4_layer(512, 1024, 64)
+    calls = []
+    kernel = kernels.int4_dequantize
+    monkeypatch.setattr(kernels, "int4_dequantize", lambda *args: calls.append(1) or kernel(*args))
+    with torch.no_grad():
+        x = torch.randn(INT4_DEQUANTIZE_ROWS, 1, 1024).bfloat16()
+        y = layer(x)
+        assert calls == [1]
+        assert torch.equal(y, torch.nn.functional.linear(x, layer.dequantize().bfloat16()) + layer.bias)
+        layer(x[:-1])  # torch's kernel
+        assert calls == [1]
+    assert not kernels.can_int4_dequantize(x, int4_layer(64, 128, 64).weight)
+    assert not kernels.can_int4_dequantize(x.float(), layer.weight)
+
+
+@needs_int4_kernel
 def test_int4_model_decodes_through_the_kernel_compiled():
     from torch.profiler import profile
 

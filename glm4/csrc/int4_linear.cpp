@@ -50,6 +50,50 @@ at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &weight, const at::
 #endif
 }
 
+// The int4 weight as bf16 (N, K): w = (q - 8) * scale + zero in float32, rounded once, as
+// quantization.Int4Linear.dequantize() then .to(bfloat16). For matmuls of many rows (prefill),
+// which then run the library's bf16 GEMM: torch's int4 kernel is several times slower there, and
+// the same in Python takes ten times as long as here (float32 copies of the whole weight).
+at::Tensor int4_dequantize(const at::Tensor &weight, const at::Tensor &scales_and_zeros, int64_t group) {
+#ifdef GLM4_INT4_KERNEL
+    TORCH_CHECK(weight.scalar_type() == at::kByte && scales_and_zeros.scalar_type() == at::kBFloat16,
+                "glm4::int4_dequantize takes a uint8 weight and bfloat16 scales");
+    const int64_t N = weight.size(0), K = weight.dim() == 2 ? weight.size(1) * 2 : 0;
+    TORCH_CHECK(weight.dim() == 2 && group > 0 && group % 16 == 0 && K % group == 0 &&
+                    scales_and_zeros.numel() == N * (K / group) * 2,
+                "glm4::int4_dequantize: weight (N, K/2), scales_and_zeros (N, K/group, 2), groups of a multiple of 16");
+    at::Tensor wc = weight.contiguous(), szc = scales_and_zeros.contiguous();
+    at::Tensor out = at::empty({N, K}, scales_and_zeros.options());
+    const uint8_t *w = wc.const_data_ptr<uint8_t>();
+    const uint16_t *sz = reinterpret_cast<const uint16_t *>(szc.const_data_ptr());
+    uint16_t *y = reinterpret_cast<uint16_t *>(out.mutable_data_ptr());
+    const int64_t groups = K / group;
+    // 16 columns from 8 bytes: byte j's low nibble is column 2j, its high one 2j + 1.
+    const __m512i spread = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; n++)
+            for (int64_t g = 0; g < groups; g++) {
+                const __m512 scale = _mm512_set1_ps(bf16_to_float(sz[(n * groups + g) * 2]));
+                const __m512 zero = _mm512_set1_ps(bf16_to_float(sz[(n * groups + g) * 2 + 1]));
+                for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+                    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + n * (K / 2) + k / 2)));
+                    const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(spread, bytes), shifts),
+                                                       _mm512_set1_epi32(15));
+                    const __m512 centred = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8)));
+                    // (q - 8) * scale is exact in float32 (a bf16 times 4 bits), so the fused multiply-add
+                    // rounds as the Python path's product and sum.
+                    const __m512 w16 = _mm512_fmadd_ps(centred, scale, zero);
+                    _mm256_storeu_si256((__m256i *)(y + n * K + k), (__m256i)_mm512_cvtneps_pbh(w16));
+                }
+            }
+    });
+    return out;
+#else
+    TORCH_CHECK(false, "glm4::int4_dequantize was built without AVX-512BW and AVX-512 BF16");
+#endif
+}
+
 }  // namespace
 
 extern "C" int glm4_int4_linear_supported() {
@@ -60,4 +104,7 @@ extern "C" int glm4_int4_linear_supported() {
 #endif
 }
 
-TORCH_LIBRARY_IMPL(glm4, CPU, m) { m.impl("int4_linear", &int4_linear); }
+TORCH_LIBRARY_IMPL(glm4, CPU, m) {
+    m.impl("int4_linear", &int4_linear);
+    m.impl("int4_dequantize", &int4_dequantize);
+}
