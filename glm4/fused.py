@@ -1,5 +1,5 @@
 """The fused CPU decode step: a bf16 model's whole decode step in one C++ call (`kernels.decode_step`),
-its projections bf16, int8 or (at batch 1) int4.
+its projections bf16, int8 or int4 (at batch 1, or up to 32 on AMX tiles).
 
 At batch 1 a decode step streams every weight once. Run as a torch.compile'd graph, the same step
 spends about 2 ms of its 13 (bench model, 60 GB/s) outside the matmuls: dynamo's entry, the
@@ -56,12 +56,13 @@ def _projections(model: torch.nn.Module) -> list[torch.nn.Module]:
 def applies(model: torch.nn.Module, batch_size: int) -> bool:
     """Whether `fused_step` runs this model at this batch size: a bf16 causal LM on the CPU in
     inference, every projection a plain bf16 Linear, an int8 one, or an int4 one in groups of a
-    multiple of 64 at batch 1 (its kernel reads the weight once per row), none sharded for tensor
+    multiple of 64 at batch 1 (its vector kernel reads the weight once per row; on AMX tiles up to 32
+    rows, as `linear.int4_kernel_rows`), none sharded for tensor
     parallel, a head dim the attention kernel has, rope frequencies that do not change with the
     length, large enough that the kernel build pays (as `kernels.can_bf16_linear`), and the kernels
     built for this CPU."""
     from glm4 import parallel
-    from glm4.linear import KERNEL_ROWS, Linear, int8_kernel_rows, kernel_rows
+    from glm4.linear import KERNEL_ROWS, Linear, int4_kernel_rows, int8_kernel_rows, kernel_rows
     from glm4.quantization import Int4Linear, Int8Linear
 
     if not hasattr(model, "lm_head") or model.training or parallel.is_tensor_parallel():
@@ -69,15 +70,17 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
     config, projections = model.config, _projections(model)
     packed = any(type(m) is Linear and m.packed is not None for m in projections)
     int4 = [m for m in projections if type(m) is Int4Linear]
-    if int4 and (batch_size != 1 or any(m.group_size % 64 for m in int4)):
+    if any(m.group_size % 64 for m in int4):
         return False
 
     def rows(m: torch.nn.Module) -> int:
-        # As a Linear's rows: with packed copies oneDNN is faster from 5 rows on, in the compiled
-        # step, but for the AMX tiles (bf16 weights only). int8 as its layers.
+        # As the layers take: a Linear with packed copies leaves 5 rows on to oneDNN (in the
+        # compiled step), but for the AMX tiles (bf16 weights only).
         if type(m) is Linear:
             return kernel_rows(m.in_features, packed)
-        return int8_kernel_rows(m.in_features) if type(m) is Int8Linear else KERNEL_ROWS
+        if type(m) is Int8Linear:
+            return int8_kernel_rows(m.in_features)
+        return int4_kernel_rows() if type(m) is Int4Linear else KERNEL_ROWS
 
     return (
         batch_size >= 1

@@ -6,7 +6,8 @@
   100 here. Long Z1 answers decode over thousands of positions, so that grows with every token.
 - `int4_linear` (csrc/int4_linear.cpp): one row times a group-wise int4 weight in glm4's stored
   layout, unpacked with bitwise ops and multiplied in bf16 pairs, where torch's CPU int4 kernel
-  is bound by its unpacking rather than by memory; on AMX tiles where the CPU has them.
+  is bound by its unpacking rather than by memory; on AMX tiles where the CPU has them, and there
+  up to 16 rows in one pass. `int4_dequantize`: the weight as bf16, for prefill's matmuls.
 - `int8_linear` (csrc/int8_linear.cpp, int8.h): a few rows of bf16 times glm4's int8 weight with
   its per-row scales, widening the weight for float32 FMAs, or on AMX-INT8 tiles with x split
   exactly into 8-bit digits; torch's int8 kernel is 2-4x slower at 1 to 32 rows.
@@ -213,11 +214,11 @@ def can_int4_dequantize(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def can_int4(x: torch.Tensor, group_size: int) -> bool:
-    """Whether `int4_linear` runs x: one bf16 row on the CPU, groups of a multiple of 64 columns."""
+    """Whether `int4_linear` runs x: bf16 on the CPU, groups of a multiple of 64 columns. The caller
+    picks the rows (`linear.int4_kernel_rows`)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16
-        and x.shape[:-1].numel() == 1
         and group_size % 64 == 0
         and _inference(x)
         and available("int4_linear")
@@ -260,8 +261,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
-    """x (..., K) with one row, times the int4 weight of `quantization.Int4Linear` (without bias):
-    weight (N, K/2) bytes, scales_and_zeros (N, K/group_size, 2). Check `can_int4` first."""
+    """x (..., K) times the int4 weight of `quantization.Int4Linear` (without bias): weight (N, K/2)
+    bytes, scales_and_zeros (N, K/group_size, 2); one pass over the weight per row, or per 16 rows
+    on AMX tiles. Check `can_int4` first."""
     return torch.ops.glm4.int4_linear(x, weight, scales_and_zeros, group_size)
 
 

@@ -48,6 +48,14 @@ def kernel_rows(in_features: int, packed: bool) -> int:
     return KERNEL_ROWS_PACKED if packed else KERNEL_ROWS
 
 
+def int4_kernel_rows() -> int:
+    """The most rows of x for which glm4's int4 kernel runs a product: one on the vector path (each
+    row is a pass over the weight); 32 on AMX tiles, 16 to a pass (on the benchmark's gate_up
+    weight, Intel Xeon, 2 threads: against torch's int4 kernel 1.2x at 1 row, 2.2x at 8, 3.2x at 16;
+    at 32 rows, 1.6x the dequantized weight's bf16 matmul)."""
+    return AMX_KERNEL_ROWS if kernels.set_amx() else 1
+
+
 def int8_kernel_rows(in_features: int) -> int:
     """The most rows of x for which glm4's int8 kernel runs a product with a weight of this width:
     8 widening the weight for float32 FMAs (at 16 rows it was no faster than torch's kernel), 32 on

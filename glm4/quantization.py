@@ -2,7 +2,8 @@
 
 Decoding one token reads every weight once, so halving or quartering the bytes of the weights is
 what speeds it up. On the CPU a few rows of bf16 run glm4's own kernels on the stored layouts
-(kernels.int8_linear: up to 8 rows, 32 on AMX tiles; kernels.int4_linear: one row); more rows run
+(kernels.int8_linear: up to 8 rows, 32 on AMX tiles; kernels.int4_linear: one row, 32 on AMX
+tiles); more rows run
 the library's bf16 matmul on the weight widened to bf16 (int8; `_weight_int8pack_mm` for a few
 rows where glm4's kernel is not built) or dequantized by glm4's kernel (int4, from 16 rows;
 PyTorch's packed int4 kernel, `_weight_int4pack_mm_for_cpu`, below that); elsewhere the weight
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4 import hugepages, kernels
-from glm4.linear import KERNEL_ROWS, int8_kernel_rows
+from glm4.linear import KERNEL_ROWS, int4_kernel_rows, int8_kernel_rows
 
 logger = logging.getLogger("glm4")
 
@@ -128,8 +129,9 @@ INT4_KERNELS = {
 }
 
 
-# Rows of x from which an int4 layer on the CPU dequantizes its weight into the library's bf16 matmul
-# (kernels.int4_dequantize) instead of running torch's packed int4 kernel: on the benchmark's
+# Rows of x from which an int4 layer on the CPU that glm4's kernel does not take (linear.int4_kernel_rows)
+# dequantizes its weight into the library's bf16 matmul (kernels.int4_dequantize) instead of
+# running torch's packed int4 kernel: on the benchmark's
 # gate_up weight (Intel Xeon, 2 threads) the two tie at 16 rows, and the matmul is 2x faster at 32,
 # 3.4x at 64 and 10x at 512 (prefill).
 INT4_DEQUANTIZE_ROWS = 16
@@ -218,12 +220,13 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (A compiled multiply-reduce measured slower than torch's kernel for int4; int8 is the reverse.)
         fast_dequantize = kernels.can_int4_dequantize(x, self.weight)
-        if kernels.can_int4(x, self.group_size):  # one row: glm4's kernel, on the stored layout
+        rows = x.shape[:-1].numel()
+        if rows <= int4_kernel_rows() and kernels.can_int4(x, self.group_size):  # on the stored layout
             y = kernels.int4_linear(x, self.weight, self.scales_and_zeros.to(x.dtype), self.group_size)
         elif (
             self.packed_for == x.device.type
             and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
-            and not (fast_dequantize and x.shape[:-1].numel() >= INT4_DEQUANTIZE_ROWS)
+            and not (fast_dequantize and rows >= INT4_DEQUANTIZE_ROWS)
         ):
             y = (
                 INT4_KERNELS[self.packed_for]

@@ -190,7 +190,7 @@ def test_engine_takes_the_fused_step(monkeypatch):
 
 
 @needs_fused
-def test_where_it_applies(monkeypatch):
+def test_where_it_applies(monkeypatch, kernel_path):
     model = model_of(SHAPE)
     assert all(fused.applies(model, b) for b in (1, 4, 8))
     assert not fused.applies(model, 9)
@@ -212,7 +212,8 @@ def test_where_it_applies(monkeypatch):
         model.unpack_weights()
     assert fused.applies(model_of(SHAPE, quantization="int8"), 8)
     int4 = model_of(INT4, quantization="int4")
-    assert fused.applies(int4, 1) and not fused.applies(int4, 2)  # its kernel takes one row
+    amx = kernel_path == "amx"  # its kernel takes one row, or up to 32 on AMX tiles
+    assert fused.applies(int4, 1) and fused.applies(int4, 2) == amx and fused.applies(int4, 32) == amx
     assert not fused.applies(quantize(model_of(INT4), "int4", group_size=32), 1)  # no kernel for 32
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not fused.applies(model, 1)  # tensor parallel: its all-reduces are in the modules
@@ -237,11 +238,11 @@ def test_on_amx_tiles_it_takes_32_rows(kernel_path):
 
 
 @needs_fused
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_twenty_rows_on_amx_tiles_equal_the_module_step(quantization, kernel_path):
-    """Rows for both of the AMX pass's B tiles (16 + 4; int8: two passes of 15 and 5 rows), and
-    enough for the per-row loops to spread over the threads: logits within bf16 rounding of the
-    module's step."""
+    """Rows for both of the AMX pass's B tiles (16 + 4; int8: two passes of 15 and 5 rows; int4:
+    of 16 and 4), and enough for the per-row loops to spread over the threads: logits within bf16
+    rounding of the module's step."""
     model = model_of(INT4, quantization=quantization)
     if not fused.applies(model, 20):
         pytest.skip("no AMX tiles here")

@@ -239,20 +239,28 @@ def test_int4_kernel_equals_the_dequantized_weight(shape, threads, kernel_path):
 
 
 @needs_int4_kernel
-def test_int4_layers_take_the_kernel_for_one_row_only(monkeypatch):
+def test_int4_layers_take_the_kernel_by_rows(kernel_path, monkeypatch):
+    """One row on the vector path (each row is a pass over the weight), up to 32 on AMX tiles (16 to
+    a pass), where a row's outputs are the same bits alone or in the batch; more rows: torch's
+    kernel."""
+    from glm4.linear import int4_kernel_rows
+
     layer = int4_layer(64, 128, 64)
+    limit = int4_kernel_rows()
+    assert limit == (32 if kernel_path == "amx" else 1)
     calls = []
     kernel = kernels.int4_linear
     monkeypatch.setattr(kernels, "int4_linear", lambda *args: calls.append(1) or kernel(*args))
-    with torch.no_grad():
-        one = layer(torch.randn(1, 1, 128).bfloat16())
-        assert len(calls) == 1
-        rows = torch.randn(3, 1, 128).bfloat16()
-        batched = layer(rows)  # several rows: torch's kernel
-        assert len(calls) == 1
-        torch.testing.assert_close(batched[1:2], layer(rows[1:2]), atol=0.02, rtol=0.02)
-        assert len(calls) == 2
-        assert one.shape == (1, 1, 64)
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        calls.clear()
+        with torch.no_grad():
+            return layer(x), bool(calls)
+
+    rows = torch.randn(limit + 1, 1, 128).bfloat16()
+    assert [run(rows[:n])[1] for n in (1, limit, limit + 1)] == [True, True, False]
+    for i in (0, limit - 1):
+        assert torch.equal(run(rows[:limit])[0][i], run(rows[i : i + 1])[0][0])
     assert not kernels.can_int4(torch.randn(1, 128).bfloat16(), 32)  # groups of 32: torch's kernel
     assert not kernels.can_int4(torch.randn(1, 128), 64)  # float32
 
@@ -268,10 +276,12 @@ def test_int4_dequantize_kernel_is_the_python_dequantize(shape):
 
 
 @needs_int4_kernel
-def test_int4_layers_dequantize_into_the_matmul_from_16_rows(monkeypatch):
-    """Prefill-sized inputs: the weight dequantized by glm4's kernel into the library's bf16 matmul,
-    the same numbers as the Python dequantize would give; fewer rows keep torch's int4 kernel, and
-    toy layers (fewer than BF16_LINEAR_MIN_WEIGHT weights) the Python path."""
+def test_int4_layers_dequantize_into_the_matmul_for_many_rows(kernel_path, monkeypatch):
+    """Prefill-sized inputs (16 rows or more, and more than the int4 kernel takes): the weight
+    dequantized by glm4's kernel into the library's bf16 matmul, the same numbers as the Python
+    dequantize would give; fewer rows keep the int4 kernels, and toy layers (fewer than
+    BF16_LINEAR_MIN_WEIGHT weights) the Python path."""
+    from glm4.linear import int4_kernel_rows
     from glm4.quantization import INT4_DEQUANTIZE_ROWS
 
     layer = int4_layer(512, 1024, 64)
@@ -279,11 +289,11 @@ def test_int4_layers_dequantize_into_the_matmul_from_16_rows(monkeypatch):
     kernel = kernels.int4_dequantize
     monkeypatch.setattr(kernels, "int4_dequantize", lambda *args: calls.append(1) or kernel(*args))
     with torch.no_grad():
-        x = torch.randn(INT4_DEQUANTIZE_ROWS, 1, 1024).bfloat16()
+        x = torch.randn(max(INT4_DEQUANTIZE_ROWS, int4_kernel_rows() + 1), 1, 1024).bfloat16()
         y = layer(x)
         assert calls == [1]
         assert torch.equal(y, torch.nn.functional.linear(x, layer.dequantize().bfloat16()) + layer.bias)
-        layer(x[:-1])  # torch's kernel
+        layer(x[: INT4_DEQUANTIZE_ROWS - 1])  # torch's kernel, or glm4's on AMX tiles
         assert calls == [1]
     assert not kernels.can_int4_dequantize(x, int4_layer(64, 128, 64).weight)
     assert not kernels.can_int4_dequantize(x.float(), layer.weight)
@@ -304,10 +314,14 @@ def test_int4_model_decodes_through_the_kernel_compiled():
         compiled = torch.stack(
             list(stream_tokens(model, ids, max_new_tokens=6, eos_token_id=[], compile=True)), 1
         )
+    from glm4.linear import int4_kernel_rows
+
     calls = sum(e.count for e in prof.key_averages() if e.key == "glm4::int4_linear")
     layers = model.config.num_hidden_layers
-    # q, k, v, o, gate_up, down and the head in each of 5 decode steps; the prompt's last-row head
-    assert calls == 5 * (6 * layers + 1) + 1
+    # q, k, v, o, gate_up, down and the head in each of 5 decode steps; the prompt's last-row head;
+    # on AMX tiles the 5-row prompt's projections too
+    prompt = 6 * layers if ids.shape[1] <= int4_kernel_rows() else 0
+    assert calls == 5 * (6 * layers + 1) + 1 + prompt
     assert torch.equal(compiled, eager)
 
 

@@ -134,7 +134,8 @@ const uint16_t *bits(const at::Tensor &t) {
 }
 
 // One projection of the weights list: y = x W^T (+ bias), W bf16, int8 with per-row scales, or int4
-// with per-group scales and zeros (glm4's layout, see int4.h; one pass over W per row of x).
+// with per-group scales and zeros (glm4's layout, see int4.h; on AMX tiles one pass over W for up
+// to 16 rows of x, else one per row).
 struct Projection {
     enum Kind { BF16, INT8, INT4 } kind = BF16;
     const void *weight = nullptr;
@@ -145,8 +146,7 @@ struct Projection {
         if (kind == INT8)
             int8_linear_rows(x, static_cast<const int8_t *>(weight), scales, y, M, K, N);
         else if (kind == INT4)
-            for (int64_t m = 0; m < M; m++)
-                int4_linear_row(x + m * K, static_cast<const uint8_t *>(weight), scales, y + m * N, K, N, group);
+            int4_linear_rows(x, static_cast<const uint8_t *>(weight), scales, y, M, K, N, group);
         else
             linear_rows(x, static_cast<const uint16_t *>(weight), y, M, K, N);
         if (bias)

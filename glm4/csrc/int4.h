@@ -161,6 +161,56 @@ void int4_amx_rows(const uint16_t *xp, const float *sums, const uint8_t *w, cons
     }
     _tile_release();
 }
+
+// Rows of x that int4_amx_batch_rows takes in one pass over the weight (one B tile column each).
+constexpr int64_t INT4_AMX_ROWS = 16;
+
+// int4_amx_rows for R rows of x at once (2 to INT4_AMX_ROWS): tiles B hold the R rows' column
+// pairs, xb [64-column block][even, odd][16 pairs][R], and C is 16 weight rows x R. After each
+// group, each weight row's sums are scaled with its scale and zero broadcast over the R rows,
+// sums [group][16]: the operations of int4_amx_rows for every output, in the same order, so that a
+// row's numbers are the same alone or among others.
+void int4_amx_batch_rows(const uint32_t *xb, const float *sums, const uint8_t *w, const uint16_t *sz, uint16_t *y,
+                         int64_t K, int64_t group, int64_t N, int64_t R, int64_t r0, int64_t r1) {
+    const int64_t groups = K / group, per_group = group / 64;
+    alignas(64) uint16_t a[2][2][16 * 32];  // [buffer][lo, hi]
+    // c's lanes past R stay 0 (the tile stores R): garbage there would cost as denormals do.
+    alignas(64) float c[16 * 16] = {}, acc[16][16];
+    glm4_amx::Config config;  // tiles: 0 C; 1, 2 A (lo, hi); 3, 4 B (lo, hi)
+    const int bytes = (int)R * 4;
+    _tile_loadconfig(&config.tile(0, 16, bytes).tile(1, 16, 64).tile(2, 16, 64).tile(3, 16, bytes).tile(4, 16, bytes));
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t n0 = r * 16;
+        for (int i = 0; i < 16; i++) _mm512_store_ps(acc[i], _mm512_setzero_ps());
+        int4_unpack16(a[0][0], a[0][1], w, n0, N, K, 0);
+        for (int64_t g = 0, block = 0; g < groups; g++) {
+            _tile_zero(0);
+            for (int64_t end = block + per_group; block < end; block++) {
+                const int now = block % 2;
+                if (block + 1 < K / 64) int4_unpack16(a[1 - now][0], a[1 - now][1], w, n0, N, K, block + 1);
+                _tile_loadd(1, a[now][0], 64);
+                _tile_loadd(2, a[now][1], 64);
+                _tile_loadd(3, xb + block * 32 * R, bytes);
+                _tile_loadd(4, xb + (block * 32 + 16) * R, bytes);
+                _tile_dpbf16ps(0, 1, 3);
+                _tile_dpbf16ps(0, 2, 4);
+            }
+            _tile_stored(0, c, 64);
+            const __m512 xs = _mm512_loadu_ps(sums + g * 16);
+            for (int i = 0; i < 16; i++) {
+                const uint16_t *pair = sz + (std::min(n0 + i, N - 1) * groups + g) * 2;  // (scale, zero)
+                const __m512 scale = _mm512_set1_ps(bf16_to_float(pair[0])), zero = _mm512_set1_ps(bf16_to_float(pair[1]));
+                __m512 sum = _mm512_fmadd_ps(_mm512_load_ps(c + i * 16), scale, _mm512_load_ps(acc[i]));
+                // + (zero - 136 scale) * sum x, over the group
+                sum = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(136.0f), scale, zero), xs, sum);
+                _mm512_store_ps(acc[i], sum);
+            }
+        }
+        for (int64_t i = 0; i < std::min<int64_t>(16, N - n0); i++)
+            for (int64_t m = 0; m < R; m++) y[m * N + n0 + i] = float_to_bf16(acc[i][m]);
+    }
+    _tile_release();
+}
 #endif
 
 // y (N) = one row x (K) times the int4 weight w (N, K/2) with scales and zeros sz (N, K/group, 2),
@@ -183,6 +233,39 @@ inline void int4_linear_row(const uint16_t *xs, const uint8_t *w, const uint16_t
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
         int4_rows(xp.data(), sums.data(), w, sz, out, K, group, n0, n1);
     });
+}
+
+// y (M, N) = M rows of x (M, K) times the int4 weight, as int4_linear_row gives each row: on AMX
+// tiles up to INT4_AMX_ROWS rows in one pass over the weight, else one pass per row.
+inline void int4_linear_rows(const uint16_t *xs, const uint8_t *w, const uint16_t *sz, uint16_t *out, int64_t M,
+                             int64_t K, int64_t N, int64_t group) {
+#ifdef GLM4_AMX_KERNEL
+    if (M > 1 && glm4_amx::on()) {
+        for (int64_t m0 = 0; m0 < M; m0 += INT4_AMX_ROWS) {
+            const int64_t R = std::min<int64_t>(INT4_AMX_ROWS, M - m0), groups = K / group;
+            if (R == 1) {
+                int4_linear_row(xs + m0 * K, w, sz, out + m0 * N, K, N, group);
+                continue;
+            }
+            std::vector<uint32_t> xb(K / 2 * R);  // as int4_linear_row's xp, per 64 columns, R rows a pair
+            std::vector<float> sums(groups * 16, 0.0f);
+            for (int64_t m = 0; m < R; m++) {
+                const uint16_t *x = xs + (m0 + m) * K;
+                for (int64_t c = 0; c < K; c += 64)
+                    for (int64_t p = 0; p < 16; p++) {
+                        xb[(c / 2 + p) * R + m] = x[c + 4 * p] | (uint32_t)x[c + 4 * p + 2] << 16;  // even columns
+                        xb[(c / 2 + 16 + p) * R + m] = x[c + 4 * p + 1] | (uint32_t)x[c + 4 * p + 3] << 16;  // odd
+                    }
+                for (int64_t k = 0; k < K; k++) sums[k / group * 16 + m] += bf16_to_float(x[k]);
+            }
+            at::parallel_for(0, (N + 15) / 16, 4, [&](int64_t r0, int64_t r1) {
+                int4_amx_batch_rows(xb.data(), sums.data(), w, sz, out + m0 * N, K, group, N, R, r0, r1);
+            });
+        }
+        return;
+    }
+#endif
+    for (int64_t m = 0; m < M; m++) int4_linear_row(xs + m * K, w, sz, out + m * N, K, N, group);
 }
 
 #endif  // GLM4_INT4_KERNEL

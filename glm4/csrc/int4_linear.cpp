@@ -7,7 +7,8 @@
 // two bitwise ops (each q becomes 128 + q, see int4.h) and multiplies them with vdpbf16ps:
 //   y[n] = sum_g scale[n,g] * sum_{k in g} (q[n,k] - 8) x[k]  +  sum_g zero[n,g] * sum_{k in g} x[k].
 // Products of bf16 are exact and summed in float32; on a CPU with AMX tiles the products run on them
-// (int4.h: int4_amx_rows). Needs AVX-512BW and AVX-512 BF16; built without
+// (int4.h: int4_amx_rows), and up to 16 rows share one pass over the weight (int4_amx_batch_rows).
+// Needs AVX-512BW and AVX-512 BF16; built without
 // them it only says so (glm4_int4_linear_supported() returns 0), and glm4 keeps torch's kernel.
 
 #include <ATen/Parallel.h>
@@ -23,7 +24,8 @@
 
 namespace {
 
-// x (..., K) bf16 with one row; weight (N, K/2) uint8; scales_and_zeros (N, K/group, 2) bf16.
+// x (..., K) bf16; weight (N, K/2) uint8; scales_and_zeros (N, K/group, 2) bf16. Any number of rows,
+// though each takes a pass over the weight but on AMX tiles (16 rows a pass).
 at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &scales_and_zeros,
                        int64_t group) {
 #ifdef GLM4_INT4_KERNEL
@@ -31,7 +33,7 @@ at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &weight, const at::
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && scales_and_zeros.scalar_type() == at::kBFloat16 &&
                     weight.scalar_type() == at::kByte,
                 "glm4::int4_linear takes bfloat16 x and scales, uint8 weight");
-    TORCH_CHECK(x.numel() == K, "glm4::int4_linear takes one row of x");
+    const int64_t M = x.numel() / K;
     TORCH_CHECK(group % 64 == 0 && K % group == 0, "glm4::int4_linear has no kernel for group size ", group);
     TORCH_CHECK(weight.dim() == 2 && weight.size(1) * 2 == K && scales_and_zeros.numel() == N * (K / group) * 2,
                 "glm4::int4_linear: weight (N, K/2) and scales_and_zeros (N, K/group, 2)");
@@ -43,7 +45,7 @@ at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &weight, const at::
     const uint8_t *w = reinterpret_cast<const uint8_t *>(wc.const_data_ptr());
     const uint16_t *sz = reinterpret_cast<const uint16_t *>(szc.const_data_ptr());
     uint16_t *out = reinterpret_cast<uint16_t *>(y.mutable_data_ptr());
-    int4_linear_row(xs, w, sz, out, K, N, group);
+    if (y.numel()) int4_linear_rows(xs, w, sz, out, M, K, N, group);
     return y;
 #else
     TORCH_CHECK(false, "glm4::int4_linear was built without AVX-512BW and AVX-512 BF16");
