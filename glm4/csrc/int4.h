@@ -112,6 +112,26 @@ inline void int4_unpack16(uint16_t *lo, uint16_t *hi, const uint8_t *w, int64_t 
     }
 }
 
+// One group's products on the tiles (configured: 0 C; 1, 2 A; 3, 4 B), into tile 0 from zero: for
+// each of its per_group blocks of 64 columns from `block` (advanced past them), the next block is
+// unpacked into the other buffer of a meanwhile, and the block's 16 rows' nibbles (A, even and odd
+// columns) multiply the column pairs of R rows of x: xb holds 128 R bytes a block, the R rows'
+// pairs of even columns, then of odd ones, 16 pairs each.
+inline void int4_amx_group(uint16_t (*a)[2][16 * 32], const uint8_t *w, const char *xb, int64_t R, int64_t n0,
+                           int64_t N, int64_t K, int64_t &block, int64_t per_group) {
+    _tile_zero(0);
+    for (int64_t end = block + per_group; block < end; block++) {
+        const int now = block % 2;
+        if (block + 1 < K / 64) int4_unpack16(a[1 - now][0], a[1 - now][1], w, n0, N, K, block + 1);
+        _tile_loadd(1, a[now][0], 64);
+        _tile_loadd(2, a[now][1], 64);
+        _tile_loadd(3, xb + block * 128 * R, 4 * R);
+        _tile_loadd(4, xb + block * 128 * R + 64 * R, 4 * R);
+        _tile_dpbf16ps(0, 1, 3);
+        _tile_dpbf16ps(0, 2, 4);
+    }
+}
+
 // int4_rows on AMX tiles, for the blocks of 16 rows r0..r1: per group, one tile op per 32 columns
 // multiplies the 16 rows' unpacked nibbles (tile A, from a buffer the next block is unpacked into
 // meanwhile) with x's column pairs (tile B, one column: xp as it is), adding into a float32 tile of
@@ -137,17 +157,7 @@ void int4_amx_rows(const uint16_t *xp, const float *sums, const uint8_t *w, cons
         __m512 acc = _mm512_setzero_ps();
         int4_unpack16(a[0][0], a[0][1], w, n0, N, K, 0);
         for (int64_t g = 0, block = 0; g < groups; g++) {
-            _tile_zero(0);
-            for (int64_t end = block + per_group; block < end; block++) {
-                const int now = block % 2;
-                if (block + 1 < K / 64) int4_unpack16(a[1 - now][0], a[1 - now][1], w, n0, N, K, block + 1);
-                _tile_loadd(1, a[now][0], 64);
-                _tile_loadd(2, a[now][1], 64);
-                _tile_loadd(3, xp + block * 64, 4);
-                _tile_loadd(4, xp + block * 64 + 32, 4);
-                _tile_dpbf16ps(0, 1, 3);
-                _tile_dpbf16ps(0, 2, 4);
-            }
+            int4_amx_group(a, w, reinterpret_cast<const char *>(xp), 1, n0, N, K, block, per_group);
             _tile_stored(0, dots, 4);
             const __m512i sz16 = _mm512_i32gather_epi32(_mm512_add_epi32(offsets, _mm512_set1_epi32((int)g)), pairs, 4);
             const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz16, 16));
@@ -177,24 +187,14 @@ void int4_amx_batch_rows(const uint32_t *xb, const float *sums, const uint8_t *w
     // c's lanes past R stay 0 (the tile stores R): garbage there would cost as denormals do.
     alignas(64) float c[16 * 16] = {}, acc[16][16];
     glm4_amx::Config config;  // tiles: 0 C; 1, 2 A (lo, hi); 3, 4 B (lo, hi)
-    const int bytes = (int)R * 4;
+    const int bytes = (int)R * 4;  // a row of C or B
     _tile_loadconfig(&config.tile(0, 16, bytes).tile(1, 16, 64).tile(2, 16, 64).tile(3, 16, bytes).tile(4, 16, bytes));
     for (int64_t r = r0; r < r1; r++) {
         const int64_t n0 = r * 16;
         for (int i = 0; i < 16; i++) _mm512_store_ps(acc[i], _mm512_setzero_ps());
         int4_unpack16(a[0][0], a[0][1], w, n0, N, K, 0);
         for (int64_t g = 0, block = 0; g < groups; g++) {
-            _tile_zero(0);
-            for (int64_t end = block + per_group; block < end; block++) {
-                const int now = block % 2;
-                if (block + 1 < K / 64) int4_unpack16(a[1 - now][0], a[1 - now][1], w, n0, N, K, block + 1);
-                _tile_loadd(1, a[now][0], 64);
-                _tile_loadd(2, a[now][1], 64);
-                _tile_loadd(3, xb + block * 32 * R, bytes);
-                _tile_loadd(4, xb + (block * 32 + 16) * R, bytes);
-                _tile_dpbf16ps(0, 1, 3);
-                _tile_dpbf16ps(0, 2, 4);
-            }
+            int4_amx_group(a, w, reinterpret_cast<const char *>(xb), R, n0, N, K, block, per_group);
             _tile_stored(0, c, 64);
             const __m512 xs = _mm512_loadu_ps(sums + g * 16);
             for (int i = 0; i < 16; i++) {
