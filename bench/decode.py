@@ -7,7 +7,8 @@ through a disk would take minutes of a short GPU lease). Decode speed is also gi
 the memory-bandwidth roofline: (bytes of weights read per token / seconds per token) / the streaming
 read bandwidth, read between stretches of 16 tokens (see Stretches: the bandwidth here drifts with
 the neighbours' load). Every figure alternates between the variants for a few rounds and shows the
-median, so that glm4 and transformers meet the same machine.
+median, so that glm4 and transformers meet the same machine. The int8 and int4 models also prefill
+512 tokens and decode at the batch sizes, against transformers bf16.
 
     python bench/decode.py            # CPU, the small GLM-4 shape
     python bench/decode.py --gpu      # CUDA, the GLM-4-9B shape
@@ -539,12 +540,18 @@ def main() -> None:
                 row(f"transformers bf16: {what}", f"{statistics.median(runs['hf']):7.1f} tok/s")
                 theirs_median[what] = statistics.median(runs["hf"])
                 ratios[f"glm4 bf16 {what}"] = statistics.median(runs["glm4"]) / theirs_median[what]
-        # Prefill with quantized weights (their larger matmuls do not run the decode kernels).
+        # Prefill and batches with quantized weights (other kernels than at batch 1).
         for name in (n for n in models if n != "glm4 bf16"):
-            rates = [prefill_rate(models[name], 512, device, 151552) for _ in range(args.rounds)]
-            row(f"{name}: prefill 512", f"{statistics.median(rates):7.1f} tok/s")
-            if hf is not None:
-                ratios[f"{name} prefill 512"] = statistics.median(rates) / theirs_median["prefill 512"]
+            measures = {"prefill 512": lambda m: prefill_rate(m, 512, device, 151552)}
+            for b in batches:
+                batch = prompt.expand(b, -1).contiguous()
+                fresh(models[name], batch)  # warm up (and compile) this shape
+                measures[f"decode batch {b}"] = lambda m, batch=batch: fresh(m, batch)
+            for what, measure in measures.items():
+                median = statistics.median(measure(models[name]) for _ in range(args.rounds))
+                row(f"{name}: {what}", f"{median:7.1f} tok/s")
+                if what in theirs_median:
+                    ratios[f"{name} {what}"] = median / theirs_median[what]
         if ratios:
             print("\nratios against transformers bf16 (same weights, same run, measured in turn):")
             for what, ratio in ratios.items():
