@@ -132,82 +132,54 @@ inline void int4_amx_group(uint16_t (*a)[2][16 * 32], const uint8_t *w, const ch
     }
 }
 
-// int4_rows on AMX tiles, for the blocks of 16 rows r0..r1: per group, one tile op per 32 columns
-// multiplies the 16 rows' unpacked nibbles (tile A, from a buffer the next block is unpacked into
-// meanwhile) with x's column pairs (tile B, one column: xp as it is), adding into a float32 tile of
-// 16 rows x 1 that is then scaled as a vector of the 16 rows' scales and zeros. Each row's sums go
-// group after group, so the rows need no reduction across lanes. On the Intel development machine,
-// one thread, weights streamed from memory: 1.24x int4_rows on the bench's gate_up, 1.22x on its
-// down_proj, 1.17x on its lm_head (1.4x with the weights in cache).
-void int4_amx_rows(const uint16_t *xp, const float *sums, const uint8_t *w, const uint16_t *sz, uint16_t *y,
-                   int64_t K, int64_t group, int64_t N, int64_t r0, int64_t r1) {
+// Rows of x that int4_amx_rows takes in one pass over the weight (one column of tiles B and C each).
+constexpr int64_t INT4_AMX_ROWS = 16;
+
+// int4_rows on AMX tiles for R rows of x (1 to INT4_AMX_ROWS) at once, for the blocks of 16 weight
+// rows r0..r1: per group, one tile op per 32 columns multiplies the 16 weight rows' unpacked
+// nibbles (tile A, from a buffer the next block is unpacked into meanwhile) with the R rows' column
+// pairs (tile B, R columns; xb as int4_amx_group takes it, one row's is int4_linear_row's xp),
+// adding into a float32 tile of 16 weight rows x R that is then scaled, per row of x, as a vector
+// of the 16 weight rows' scales and zeros; sums holds each row's sum of x per group, [group][R].
+// Each output takes the same operations in the same order whatever R: a row's numbers are the same
+// alone or among others. On the Intel development machine, one row, one thread, weights streamed
+// from memory: 1.24x int4_rows on the bench's gate_up, 1.22x on its down_proj, 1.17x on its lm_head
+// (1.4x with the weights in cache); 16 rows take 2.4x the time of one.
+void int4_amx_rows(const char *xb, const float *sums, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t K,
+                   int64_t group, int64_t N, int64_t R, int64_t r0, int64_t r1) {
     const int64_t groups = K / group, per_group = group / 64;
     const __m512i high_half = _mm512_set1_epi32((int)0xFFFF0000u);
     const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    alignas(64) uint16_t a[2][2][16 * 32];  // [buffer][lo, hi]
-    alignas(64) float dots[16];
-    glm4_amx::Config config;  // tiles: 0 C; 1, 2 A (lo, hi); 3, 4 B (lo, hi)
-    _tile_loadconfig(&config.tile(0, 16, 4).tile(1, 16, 64).tile(2, 16, 64).tile(3, 16, 4).tile(4, 16, 4));
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t n0 = r * 16;
-        // Each row's (scale, zero) for group g at pairs[offsets[i] + g]; rows past N repeat the last.
-        const int32_t *pairs = reinterpret_cast<const int32_t *>(sz) + n0 * groups;
-        const __m512i offsets = _mm512_mullo_epi32(_mm512_min_epi32(lanes, _mm512_set1_epi32((int)(N - 1 - n0))),
-                                                   _mm512_set1_epi32((int)groups));
-        __m512 acc = _mm512_setzero_ps();
-        int4_unpack16(a[0][0], a[0][1], w, n0, N, K, 0);
-        for (int64_t g = 0, block = 0; g < groups; g++) {
-            int4_amx_group(a, w, reinterpret_cast<const char *>(xp), 1, n0, N, K, block, per_group);
-            _tile_stored(0, dots, 4);
-            const __m512i sz16 = _mm512_i32gather_epi32(_mm512_add_epi32(offsets, _mm512_set1_epi32((int)g)), pairs, 4);
-            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz16, 16));
-            const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(sz16, high_half));
-            acc = _mm512_fmadd_ps(_mm512_load_ps(dots), scale, acc);
-            // + (zero - 136 scale) * sum x, over the group
-            const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), scale, zero);
-            acc = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[g]), acc);
-        }
-        _mm256_mask_storeu_epi16(y + n0, first(N - n0), (__m256i)_mm512_cvtneps_pbh(acc));
-    }
-    _tile_release();
-}
-
-// Rows of x that int4_amx_batch_rows takes in one pass over the weight (one B tile column each).
-constexpr int64_t INT4_AMX_ROWS = 16;
-
-// int4_amx_rows for R rows of x at once (2 to INT4_AMX_ROWS): tiles B hold the R rows' column
-// pairs, xb [64-column block][even, odd][16 pairs][R], and C is 16 weight rows x R. After each
-// group, each weight row's sums are scaled with its scale and zero broadcast over the R rows,
-// sums [group][16]: the operations of int4_amx_rows for every output, in the same order, so that a
-// row's numbers are the same alone or among others.
-void int4_amx_batch_rows(const uint32_t *xb, const float *sums, const uint8_t *w, const uint16_t *sz, uint16_t *y,
-                         int64_t K, int64_t group, int64_t N, int64_t R, int64_t r0, int64_t r1) {
-    const int64_t groups = K / group, per_group = group / 64;
-    alignas(64) uint16_t a[2][2][16 * 32];  // [buffer][lo, hi]
-    // c's lanes past R stay 0 (the tile stores R): garbage there would cost as denormals do.
-    alignas(64) float c[16 * 16] = {}, acc[16][16];
+    const __m512i down = _mm512_slli_epi32(lanes, 4);  // a column of C stored 16 floats a row
+    alignas(64) uint16_t a[2][2][16 * 32];              // [buffer][lo, hi]
+    alignas(64) float c[16 * 16];
+    __m512 acc[INT4_AMX_ROWS];
     glm4_amx::Config config;  // tiles: 0 C; 1, 2 A (lo, hi); 3, 4 B (lo, hi)
     const int bytes = (int)R * 4;  // a row of C or B
     _tile_loadconfig(&config.tile(0, 16, bytes).tile(1, 16, 64).tile(2, 16, 64).tile(3, 16, bytes).tile(4, 16, bytes));
     for (int64_t r = r0; r < r1; r++) {
         const int64_t n0 = r * 16;
-        for (int i = 0; i < 16; i++) _mm512_store_ps(acc[i], _mm512_setzero_ps());
+        // Each weight row's (scale, zero) for group g at pairs[offsets[i] + g]; rows past N repeat the last.
+        const int32_t *pairs = reinterpret_cast<const int32_t *>(sz) + n0 * groups;
+        const __m512i offsets = _mm512_mullo_epi32(_mm512_min_epi32(lanes, _mm512_set1_epi32((int)(N - 1 - n0))),
+                                                   _mm512_set1_epi32((int)groups));
+        for (int64_t m = 0; m < R; m++) acc[m] = _mm512_setzero_ps();
         int4_unpack16(a[0][0], a[0][1], w, n0, N, K, 0);
         for (int64_t g = 0, block = 0; g < groups; g++) {
-            int4_amx_group(a, w, reinterpret_cast<const char *>(xb), R, n0, N, K, block, per_group);
-            _tile_stored(0, c, 64);
-            const __m512 xs = _mm512_loadu_ps(sums + g * 16);
-            for (int i = 0; i < 16; i++) {
-                const uint16_t *pair = sz + (std::min(n0 + i, N - 1) * groups + g) * 2;  // (scale, zero)
-                const __m512 scale = _mm512_set1_ps(bf16_to_float(pair[0])), zero = _mm512_set1_ps(bf16_to_float(pair[1]));
-                __m512 sum = _mm512_fmadd_ps(_mm512_load_ps(c + i * 16), scale, _mm512_load_ps(acc[i]));
-                // + (zero - 136 scale) * sum x, over the group
-                sum = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(136.0f), scale, zero), xs, sum);
-                _mm512_store_ps(acc[i], sum);
+            int4_amx_group(a, w, xb, R, n0, N, K, block, per_group);
+            _tile_stored(0, c, R == 1 ? 4 : 64);  // one row's column as one vector
+            const __m512i sz16 = _mm512_i32gather_epi32(_mm512_add_epi32(offsets, _mm512_set1_epi32((int)g)), pairs, 4);
+            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz16, 16));
+            const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(sz16, high_half));
+            const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), scale, zero);  // zero - 136 scale
+            for (int64_t m = 0; m < R; m++) {
+                const __m512 dots = R == 1 ? _mm512_load_ps(c) : _mm512_i32gather_ps(down, c + m, 4);
+                acc[m] = _mm512_fmadd_ps(dots, scale, acc[m]);
+                acc[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[g * R + m]), acc[m]);  // + offset * sum x
             }
         }
-        for (int64_t i = 0; i < std::min<int64_t>(16, N - n0); i++)
-            for (int64_t m = 0; m < R; m++) y[m * N + n0 + i] = float_to_bf16(acc[i][m]);
+        for (int64_t m = 0; m < R; m++)
+            _mm256_mask_storeu_epi16(y + m * N + n0, first(N - n0), (__m256i)_mm512_cvtneps_pbh(acc[m]));
     }
     _tile_release();
 }
@@ -225,7 +197,7 @@ inline void int4_linear_row(const uint16_t *xs, const uint8_t *w, const uint16_t
 #ifdef GLM4_AMX_KERNEL
     if (glm4_amx::on()) {
         at::parallel_for(0, (N + 15) / 16, 4, [&](int64_t r0, int64_t r1) {
-            int4_amx_rows(xp.data(), sums.data(), w, sz, out, K, group, N, r0, r1);
+            int4_amx_rows(reinterpret_cast<const char *>(xp.data()), sums.data(), w, sz, out, K, group, N, 1, r0, r1);
         });
         return;
     }
@@ -248,7 +220,7 @@ inline void int4_linear_rows(const uint16_t *xs, const uint8_t *w, const uint16_
                 continue;
             }
             std::vector<uint32_t> xb(K / 2 * R);  // as int4_linear_row's xp, per 64 columns, R rows a pair
-            std::vector<float> sums(groups * 16, 0.0f);
+            std::vector<float> sums(groups * R, 0.0f);
             for (int64_t m = 0; m < R; m++) {
                 const uint16_t *x = xs + (m0 + m) * K;
                 for (int64_t c = 0; c < K; c += 64)
@@ -256,10 +228,11 @@ inline void int4_linear_rows(const uint16_t *xs, const uint8_t *w, const uint16_
                         xb[(c / 2 + p) * R + m] = x[c + 4 * p] | (uint32_t)x[c + 4 * p + 2] << 16;  // even columns
                         xb[(c / 2 + 16 + p) * R + m] = x[c + 4 * p + 1] | (uint32_t)x[c + 4 * p + 3] << 16;  // odd
                     }
-                for (int64_t k = 0; k < K; k++) sums[k / group * 16 + m] += bf16_to_float(x[k]);
+                for (int64_t k = 0; k < K; k++) sums[k / group * R + m] += bf16_to_float(x[k]);
             }
             at::parallel_for(0, (N + 15) / 16, 4, [&](int64_t r0, int64_t r1) {
-                int4_amx_batch_rows(xb.data(), sums.data(), w, sz, out + m0 * N, K, group, N, R, r0, r1);
+                int4_amx_rows(reinterpret_cast<const char *>(xb.data()), sums.data(), w, sz, out + m0 * N, K, group, N,
+                              R, r0, r1);
             });
         }
         return;

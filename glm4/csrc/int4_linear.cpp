@@ -7,7 +7,7 @@
 // two bitwise ops (each q becomes 128 + q, see int4.h) and multiplies them with vdpbf16ps:
 //   y[n] = sum_g scale[n,g] * sum_{k in g} (q[n,k] - 8) x[k]  +  sum_g zero[n,g] * sum_{k in g} x[k].
 // Products of bf16 are exact and summed in float32; on a CPU with AMX tiles the products run on them
-// (int4.h: int4_amx_rows), and up to 16 rows share one pass over the weight (int4_amx_batch_rows).
+// (int4.h: int4_amx_rows), where up to 16 rows share one pass over the weight.
 // Needs AVX-512BW and AVX-512 BF16; built without
 // them it only says so (glm4_int4_linear_supported() returns 0), and glm4 keeps torch's kernel.
 
