@@ -142,10 +142,11 @@ def set_amx(enabled: bool | None = None) -> bool:
 
     On a CPU with AMX tiles (Intel Xeon, Sapphire Rapids and later) the bf16 products of up to 32
     rows run on them by default (weights of a width that is a multiple of 32): as fast as the
-    vector path at one row, about twice at eight, and faster than oneDNN at up to 32. So does the
-    int4 kernel's row (about 1.2-1.3x the vector path). The two add in different orders, so a
-    row's numbers change with the switch (never with its batch): change it between generations,
-    not within one. GLM4_AMX=0 in the environment starts with it off.
+    vector path at one row, about twice at eight, and faster than oneDNN at up to 32. So do the
+    int4 kernel's rows (about 1.2-1.3x the vector path at one row, and up to 16 rows a pass) and
+    the int8 kernel's (on the AMX-INT8 tiles, up to 32 rows). The paths add in different orders,
+    so a row's numbers change with the switch (never with its batch): change it between
+    generations, not within one. GLM4_AMX=0 in the environment starts with it off.
     """
     global _amx
     if enabled is None and (_amx is not None or torch.compiler.is_compiling()):

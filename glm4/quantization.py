@@ -3,11 +3,10 @@
 Decoding one token reads every weight once, so halving or quartering the bytes of the weights is
 what speeds it up. On the CPU a few rows of bf16 run glm4's own kernels on the stored layouts
 (kernels.int8_linear: up to 8 rows, 32 on AMX tiles; kernels.int4_linear: one row, 32 on AMX
-tiles); more rows run
-the library's bf16 matmul on the weight widened to bf16 (int8; `_weight_int8pack_mm` for a few
-rows where glm4's kernel is not built) or dequantized by glm4's kernel (int4, from 16 rows;
-PyTorch's packed int4 kernel, `_weight_int4pack_mm_for_cpu`, below that); elsewhere the weight
-is dequantized into the matmul, which torch.compile fuses.
+tiles). More rows run the library's bf16 matmul on the weight widened to bf16 (int8;
+`_weight_int8pack_mm` for a few rows where glm4's kernel is not built) or dequantized by glm4's
+kernel (int4, from 16 rows; PyTorch's packed int4 kernel, `_weight_int4pack_mm_for_cpu`, below
+that). Elsewhere the weight is dequantized into the matmul, which torch.compile fuses.
 Activations stay in the model's dtype.
 
 On CUDA, int4 layers run torch's tinygemm kernel (`_weight_int4pack_mm`) where their shapes allow it.
@@ -66,7 +65,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        if rows <= int8_kernel_rows(self.in_features) and kernels.can_int8(x, self.weight):
+        # (can_int8 first: a toy model's layer never builds the kernels)
+        if kernels.can_int8(x, self.weight) and rows <= int8_kernel_rows(self.in_features):
             y = kernels.int8_linear(x, self.weight, self.scales.to(x.dtype))
         elif _compiled_single_row(x):
             y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1) * self.scales.float()
@@ -129,11 +129,10 @@ INT4_KERNELS = {
 }
 
 
-# Rows of x from which an int4 layer on the CPU that glm4's kernel does not take (linear.int4_kernel_rows)
-# dequantizes its weight into the library's bf16 matmul (kernels.int4_dequantize) instead of
-# running torch's packed int4 kernel: on the benchmark's
-# gate_up weight (Intel Xeon, 2 threads) the two tie at 16 rows, and the matmul is 2x faster at 32,
-# 3.4x at 64 and 10x at 512 (prefill).
+# Rows of x from which an int4 layer on the CPU, past what glm4's kernel takes (linear.int4_kernel_rows),
+# dequantizes its weight into the library's bf16 matmul (kernels.int4_dequantize) instead of running
+# torch's packed int4 kernel: on the benchmark's gate_up weight (Intel Xeon, 2 threads) the two tie
+# at 16 rows, and the matmul is 2x faster at 32, 3.4x at 64 and 10x at 512 (prefill).
 INT4_DEQUANTIZE_ROWS = 16
 
 
@@ -221,7 +220,7 @@ class Int4Linear(nn.Module):
         # (A compiled multiply-reduce measured slower than torch's kernel for int4; int8 is the reverse.)
         fast_dequantize = kernels.can_int4_dequantize(x, self.weight)
         rows = x.shape[:-1].numel()
-        if rows <= int4_kernel_rows() and kernels.can_int4(x, self.group_size):  # on the stored layout
+        if kernels.can_int4(x, self.group_size) and rows <= int4_kernel_rows():  # on the stored layout
             y = kernels.int4_linear(x, self.weight, self.scales_and_zeros.to(x.dtype), self.group_size)
         elif (
             self.packed_for == x.device.type

@@ -105,3 +105,15 @@ def test_int8_layers_take_the_kernel_by_rows(width, kernel_path, monkeypatch):
 
     limit = int8_kernel_rows(width)
     assert [run(r) for r in (1, limit, limit + 1)] == [True, True, False]
+
+
+def test_toy_int8_layers_never_ask_for_the_kernels(monkeypatch):
+    """A layer of fewer than BF16_LINEAR_MIN_WEIGHT weights (the demo model's) runs torch's kernel
+    or the widened matmul without asking for the kernel library, so it never waits for a build."""
+    monkeypatch.setattr(kernels, "_supported", None)
+    monkeypatch.setattr(kernels, "_amx", None)
+    monkeypatch.setattr(kernels, "_load", lambda: pytest.fail("asked for the kernels"))
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 128).bfloat16())
+    with torch.no_grad():
+        for rows in (1, 3, 40):
+            assert layer(torch.randn(rows, 64).bfloat16()).shape == (rows, 128)
