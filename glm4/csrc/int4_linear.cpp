@@ -79,9 +79,9 @@ at::Tensor int4_dequantize(const at::Tensor &weight, const at::Tensor &scales_an
                 const __m512 scale = _mm512_set1_ps(bf16_to_float(sz[(n * groups + g) * 2]));
                 const __m512 zero = _mm512_set1_ps(bf16_to_float(sz[(n * groups + g) * 2 + 1]));
                 for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
-                    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + n * (K / 2) + k / 2)));
-                    const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(spread, bytes), shifts),
-                                                       _mm512_set1_epi32(15));
+                    const __m128i eight = _mm_loadl_epi64((const __m128i *)(w + n * (K / 2) + k / 2));
+                    const __m512i bytes = _mm512_permutexvar_epi32(spread, _mm512_cvtepu8_epi32(eight));
+                    const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(bytes, shifts), _mm512_set1_epi32(15));
                     const __m512 centred = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8)));
                     // (q - 8) * scale is exact in float32 (a bf16 times 4 bits), so the fused multiply-add
                     // rounds as the Python path's product and sum.

@@ -76,6 +76,7 @@ inline void int8_rows_times(const float *x, const int8_t *w, const uint16_t *sca
 constexpr int64_t INT8_PASS_ROWS = 15, INT8_TILE_ROWS = 5, INT8_DIGITS = 3;
 // The widths whose int32 sums cannot overflow: |q * digit| <= 2^14.
 constexpr int64_t INT8_AMX_MAX_K = 1 << 17;
+constexpr float DIGIT_WEIGHT[INT8_DIGITS] = {1.0f, 1.0f / 256, 1.0f / 65536};
 
 // x's M rows as the B tiles of int8_amx_rows: each row split, exactly but for its values below
 // 2^-23 of its largest, into INT8_DIGITS signed 8-bit digits of one fixed-point unit per row,
@@ -132,8 +133,7 @@ inline void int8_amx_rows(const uint16_t *x, const int8_t *w, const uint16_t *sc
     int8_digits(x, M, K, b, unit.data());
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
         alignas(64) int32_t c[3][16 * 16];
-        const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                 _mm512_set1_epi32(16));
+        const __m512i down = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
         int64_t configured = -1;  // rows * passes + pass as configured
         int64_t ahead_block = b0 + AMX_AHEAD / steps, ahead_step = AMX_AHEAD % steps;
         for (int64_t block = b0; block < b1; block++) {
@@ -148,8 +148,8 @@ inline void int8_amx_rows(const uint16_t *x, const int8_t *w, const uint16_t *sc
                     glm4_amx::Config config;
                     config.tile(3, rows, 64);
                     for (int t = 0; t < tiles; t++) {
-                        const int width = (int)std::min<int64_t>(INT8_TILE_ROWS, in_pass - t * INT8_TILE_ROWS) * INT8_DIGITS * 4;
-                        config.tile(t, rows, width).tile(4 + t, 16, width);
+                        const int64_t columns = std::min<int64_t>(INT8_TILE_ROWS, in_pass - t * INT8_TILE_ROWS) * INT8_DIGITS;
+                        config.tile(t, rows, (int)columns * 4).tile(4 + t, 16, (int)columns * 4);
                     }
                     _tile_loadconfig(&config);
                     configured = rows * passes + p;
@@ -161,9 +161,9 @@ inline void int8_amx_rows(const uint16_t *x, const int8_t *w, const uint16_t *sc
                 for (int64_t s = 0; s < steps; s++) {
                     if (p == 0) {  // later passes find the block's lines in cache
                         if (ahead_block < blocks) {
-                            const char *line = reinterpret_cast<const char *>(w + ahead_block * 16 * K + ahead_step * 64);
+                            const int8_t *line = w + ahead_block * 16 * K + ahead_step * 64;
                             for (int64_t i = 0; i < std::min<int64_t>(16, N - ahead_block * 16); i++)
-                                _mm_prefetch(line + i * K, _MM_HINT_T0);
+                                _mm_prefetch(reinterpret_cast<const char *>(line + i * K), _MM_HINT_T0);
                         }
                         if (++ahead_step == steps) ahead_step = 0, ahead_block++;
                     }
@@ -182,15 +182,16 @@ inline void int8_amx_rows(const uint16_t *x, const int8_t *w, const uint16_t *sc
                 _tile_stored(0, c[0], 64);
                 if (tiles > 1) _tile_stored(1, c[1], 64);
                 if (tiles > 2) _tile_stored(2, c[2], 64);
-                for (int64_t m = 0; m < in_pass; m++) {  // the row's three digit columns, down the 16 weight rows
+                for (int64_t m = 0; m < in_pass; m++) {  // the row's three digit columns, down the weight rows
                     const int32_t *col = c[m / INT8_TILE_ROWS] + m % INT8_TILE_ROWS * INT8_DIGITS;
-                    __m512 sum = _mm512_cvtepi32_ps(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), out, lanes, col, 4));
-                    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), out, lanes, col + 1, 4)),
-                                          _mm512_set1_ps(1.0f / 256), sum);
-                    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), out, lanes, col + 2, 4)),
-                                          _mm512_set1_ps(1.0f / 65536), sum);
-                    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(sum, _mm512_set1_ps(unit[p * INT8_PASS_ROWS + m])), scale);
-                    _mm256_mask_storeu_epi16(y + (p * INT8_PASS_ROWS + m) * N + block * 16, out, (__m256i)_mm512_cvtneps_pbh(v));
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int d = 0; d < INT8_DIGITS; d++) {  // d0 + d1 / 256 + d2 / 65536
+                        const __m512i digit = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), out, down, col + d, 4);
+                        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digit), _mm512_set1_ps(DIGIT_WEIGHT[d]), sum);
+                    }
+                    const int64_t row = p * INT8_PASS_ROWS + m;
+                    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(sum, _mm512_set1_ps(unit[row])), scale);
+                    _mm256_mask_storeu_epi16(y + row * N + block * 16, out, (__m256i)_mm512_cvtneps_pbh(v));
                 }
             }
         }
