@@ -239,6 +239,18 @@ def test_int4_kernel_equals_the_dequantized_weight(shape, threads, kernel_path):
 
 
 @needs_int4_kernel
+def test_int4_kernel_rows_do_not_depend_on_the_batch(kernel_path):
+    """Several rows at once (on AMX tiles, passes of 16 and 4) give each row the bits it gets alone."""
+    layer = int4_layer(304, 256, 128)
+    x = torch.randn(20, 256).bfloat16()
+
+    def product(rows: torch.Tensor) -> torch.Tensor:
+        return kernels.int4_linear(rows, layer.weight, layer.scales_and_zeros, 128)
+
+    assert torch.equal(product(x), torch.cat([product(x[i : i + 1]) for i in range(20)]))
+
+
+@needs_int4_kernel
 def test_int4_layers_take_the_kernel_by_rows(kernel_path, monkeypatch):
     """One row on the vector path (each row is a pass over the weight), up to 32 on AMX tiles (16 to
     a pass), where a row's outputs are the same bits alone or in the batch; more rows: torch's
