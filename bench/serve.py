@@ -3,7 +3,8 @@
 Starts the server in this process twice on the same model, once batching up to N sequences and
 once one request at a time, and sends the same N streaming chat requests to each.
 
-    python bench/serve.py [--clients 16] [--model PATH] [--max-tokens 64]
+    python bench/serve.py [--clients 16] [--model PATH | --glm4-shape] [--max-tokens 64]
+                           [--quantize int8|int4]
 """
 
 from __future__ import annotations
@@ -84,11 +85,16 @@ def main() -> None:
         help="random weights of the GLM-4 bench shape (hidden 1024, 12 layers) with the demo tokenizer",
     )
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of the model")
     args = parser.parse_args()
     if args.glm4_shape:
         pipeline = glm4_shaped()
+        if args.quantize:
+            from glm4.quantization import quantize
+
+            quantize(pipeline.model, args.quantize)
     else:
-        pipeline = Glm4Pipeline.from_pretrained(args.model, device="cpu")
+        pipeline = Glm4Pipeline.from_pretrained(args.model, device="cpu", quantization=args.quantize)
     rates = {}
     for label, batch in (("batched", args.clients), ("one at a time", 1)):
         # compile=None: what `glm4 serve` does (the test helper turns compiling off).
