@@ -240,8 +240,8 @@ def test_on_amx_tiles_it_takes_32_rows(kernel_path):
 @needs_fused
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_twenty_rows_on_amx_tiles_equal_the_module_step(quantization, kernel_path):
-    """Rows for both of the AMX pass's B tiles (16 + 4; int8: two passes of 15 and 5 rows; int4:
-    of 16 and 4), and enough for the per-row loops to spread over the threads: logits within bf16
+    """Rows for both of the AMX pass's B tiles (16 + 4; int8 and int4: two passes, of 16 and 4
+    rows), and enough for the per-row loops to spread over the threads: logits within bf16
     rounding of the module's step."""
     model = model_of(INT4, quantization=quantization)
     if not fused.applies(model, 20):

@@ -32,7 +32,8 @@ def operands(rows: int, n: int, k: int, seed: int = 0):
         (1, 512, 1024),
         (3, 301, 1024),  # the last block of 16 weight rows has 13
         (8, 64, 2816),
-        (16, 300, 1024),  # AMX: passes of 15 rows and 1
+        (16, 300, 1024),  # AMX: one pass, the rows' 48 digits in three tiles
+        (17, 300, 1024),  # AMX: passes of 16 rows and 1
         (33, 40, 512),  # AMX: three passes
         (5, 300, 1000),  # a width the tiles do not take: the vector path on any CPU
     ],  # fmt: skip

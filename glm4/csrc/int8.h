@@ -72,8 +72,9 @@ inline void int8_rows_times(const float *x, const int8_t *w, const uint16_t *sca
 }
 
 #ifdef GLM4_AMX_KERNEL
-// Rows of x per pass over a block of weight rows: three int32 C tiles of 5 rows x 3 digits.
-constexpr int64_t INT8_PASS_ROWS = 15, INT8_TILE_ROWS = 5, INT8_DIGITS = 3;
+// Rows of x per pass over a block of weight rows: their 48 (row, digit) columns fill three int32 C
+// tiles of 16 columns (a row's digits may straddle two).
+constexpr int64_t INT8_PASS_ROWS = 16, INT8_DIGITS = 3;
 // The widths whose int32 sums cannot overflow: |q * digit| <= 2^14.
 constexpr int64_t INT8_AMX_MAX_K = 1 << 17;
 constexpr float DIGIT_WEIGHT[INT8_DIGITS] = {1.0f, 1.0f / 256, 1.0f / 65536};
@@ -81,8 +82,8 @@ constexpr float DIGIT_WEIGHT[INT8_DIGITS] = {1.0f, 1.0f / 256, 1.0f / 65536};
 // x's M rows as the B tiles of int8_amx_rows: each row split, exactly but for its values below
 // 2^-23 of its largest, into INT8_DIGITS signed 8-bit digits of one fixed-point unit per row,
 // x = unit * (d0 + d1 / 256 + d2 / 65536) with unit a power of two. Per pass p, step s (64
-// columns) and C tile t, 16 rows of 64 bytes: row j holds columns 4j..4j+3 of each of the tile's
-// rows of x, as its three digits' dwords in turn (tile column 3 * row + digit).
+// columns) and tile t, 16 rows of 64 bytes: row i holds columns 4i..4i+3 of x as the dwords of 16
+// (row, digit) pairs of the pass, pair j = 3 * row + digit in tile j / 16, column j % 16.
 inline void int8_digits(const uint16_t *x, int64_t M, int64_t K, int8_t *b, float *unit) {
     const int64_t steps = K / 64;
     const __m128i dwords = _mm_setr_epi32(0, 16, 32, 48);  // 4 dwords down 4 tile rows of 64 bytes
@@ -101,7 +102,7 @@ inline void int8_digits(const uint16_t *x, int64_t M, int64_t K, int8_t *b, floa
         // A NaN or an infinity in x makes all of the row's outputs NaN (the FMAs: NaN or +-inf).
         unit[m] = special ? NAN : largest > 0 ? std::ldexp(1.0f, e) : 0.0f;
         const __m512 shift = _mm512_set1_ps((float)(16 - e));
-        const int64_t p = m / INT8_PASS_ROWS, t = m % INT8_PASS_ROWS / INT8_TILE_ROWS, r = m % INT8_TILE_ROWS;
+        const int64_t p = m / INT8_PASS_ROWS, column = m % INT8_PASS_ROWS * INT8_DIGITS;  // of d0
         for (int64_t k = 0; k < K; k += 16) {
             // x * 2^(16 - e) is exact, an integer (but for values below 2^(e - 16)) of at most 23 bits.
             const __m512i X = _mm512_cvtps_epi32(_mm512_scalef_ps(load_bf16(row + k, 0xFFFF), shift));
@@ -110,17 +111,17 @@ inline void int8_digits(const uint16_t *x, int64_t M, int64_t K, int8_t *b, floa
             const __m512i d1 = _mm512_srai_epi32(_mm512_slli_epi32(X1, 24), 24);
             const __m512i d0 = _mm512_srai_epi32(_mm512_sub_epi32(X1, d1), 8);
             const __m512i digits[INT8_DIGITS] = {d0, d1, d2};
-            int8_t *tile = b + ((p * steps + k / 64) * 3 + t) * 1024 + (k % 64) / 4 * 64;
-            for (int d = 0; d < INT8_DIGITS; d++)
-                _mm_i32scatter_epi32(tile + (r * INT8_DIGITS + d) * 4, dwords, _mm512_cvtepi32_epi8(digits[d]), 4);
+            int8_t *tiles = b + (p * steps + k / 64) * 3 * 1024 + (k % 64) / 4 * 64;
+            for (int64_t d = 0, j = column; d < INT8_DIGITS; d++, j++)  // tile j / 16, its column j % 16
+                _mm_i32scatter_epi32(tiles + j / 16 * 1024 + j % 16 * 4, dwords, _mm512_cvtepi32_epi8(digits[d]), 4);
         }
     }
 }
 
 // int8_linear_rows on AMX-INT8 tiles, for K a multiple of 64. Each thread takes its blocks of 16
 // weight rows; per step of 64 columns the block's rows (tile A, loaded from the weight as stored:
-// no widening) multiply up to 15 rows of x as digits (int8_digits: up to three B tiles), adding
-// into int32 tiles C (16 weight rows x 5 rows' 3 digits) that are exact for any K below 2^17. A
+// no widening) multiply up to 16 rows of x as digits (int8_digits: up to three B tiles), adding
+// into int32 tiles C (16 weight rows x 16 (row, digit) pairs) that are exact for any K below 2^17. A
 // row's output is then unit * (c0 + c1 / 256 + c2 / 65536) * scale, rounded once: it does not
 // depend on the other rows. The weight's lines are asked for AMX_AHEAD steps on, as amx_linear_rows.
 inline void int8_amx_rows(const uint16_t *x, const int8_t *w, const uint16_t *scales, uint16_t *y, int64_t M,
@@ -143,12 +144,12 @@ inline void int8_amx_rows(const uint16_t *x, const int8_t *w, const uint16_t *sc
             const __m512 scale = load_bf16(scales + block * 16, out);
             for (int64_t p = 0; p < passes; p++) {
                 const int64_t in_pass = std::min<int64_t>(INT8_PASS_ROWS, M - p * INT8_PASS_ROWS);
-                const int tiles = (int)((in_pass + INT8_TILE_ROWS - 1) / INT8_TILE_ROWS);
+                const int tiles = (int)((in_pass * INT8_DIGITS + 15) / 16);
                 if (rows * passes + p != configured) {  // tiles: 0-2 C; 3 A; 4-6 B
                     glm4_amx::Config config;
                     config.tile(3, rows, 64);
                     for (int t = 0; t < tiles; t++) {
-                        const int64_t columns = std::min<int64_t>(INT8_TILE_ROWS, in_pass - t * INT8_TILE_ROWS) * INT8_DIGITS;
+                        const int64_t columns = std::min<int64_t>(16, in_pass * INT8_DIGITS - t * 16);
                         config.tile(t, rows, (int)columns * 4).tile(4 + t, 16, (int)columns * 4);
                     }
                     _tile_loadconfig(&config);
@@ -183,10 +184,10 @@ inline void int8_amx_rows(const uint16_t *x, const int8_t *w, const uint16_t *sc
                 if (tiles > 1) _tile_stored(1, c[1], 64);
                 if (tiles > 2) _tile_stored(2, c[2], 64);
                 for (int64_t m = 0; m < in_pass; m++) {  // the row's three digit columns, down the weight rows
-                    const int32_t *col = c[m / INT8_TILE_ROWS] + m % INT8_TILE_ROWS * INT8_DIGITS;
                     __m512 sum = _mm512_setzero_ps();
-                    for (int d = 0; d < INT8_DIGITS; d++) {  // d0 + d1 / 256 + d2 / 65536
-                        const __m512i digit = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), out, down, col + d, 4);
+                    for (int64_t d = 0, j = m * INT8_DIGITS; d < INT8_DIGITS; d++, j++) {  // d0 + d1 / 256 + d2 / 65536
+                        const int32_t *column = c[j / 16] + j % 16;
+                        const __m512i digit = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), out, down, column, 4);
                         sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(digit), _mm512_set1_ps(DIGIT_WEIGHT[d]), sum);
                     }
                     const int64_t row = p * INT8_PASS_ROWS + m;
