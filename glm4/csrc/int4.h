@@ -215,10 +215,6 @@ inline void int4_linear_rows(const uint16_t *xs, const uint8_t *w, const uint16_
     if (M > 1 && glm4_amx::on()) {
         for (int64_t m0 = 0; m0 < M; m0 += INT4_AMX_ROWS) {
             const int64_t R = std::min<int64_t>(INT4_AMX_ROWS, M - m0), groups = K / group;
-            if (R == 1) {
-                int4_linear_row(xs + m0 * K, w, sz, out + m0 * N, K, N, group);
-                continue;
-            }
             std::vector<uint32_t> xb(K / 2 * R);  // as int4_linear_row's xp, per 64 columns, R rows a pair
             std::vector<float> sums(groups * R, 0.0f);
             for (int64_t m = 0; m < R; m++) {
