@@ -239,15 +239,17 @@ def test_int4_kernel_equals_the_dequantized_weight(shape, threads, kernel_path):
 
 
 @needs_int4_kernel
-def test_int4_kernel_rows_do_not_depend_on_the_batch(kernel_path):
-    """Several rows at once (on AMX tiles, passes of 16 and 4) give each row the bits it gets alone."""
+@pytest.mark.parametrize("rows", [17, 20])
+def test_int4_kernel_rows_do_not_depend_on_the_batch(rows, kernel_path):
+    """Several rows at once (on AMX tiles, passes of 16 and 1, or 16 and 4) give each row the bits
+    it gets alone."""
     layer = int4_layer(304, 256, 128)
-    x = torch.randn(20, 256).bfloat16()
+    x = torch.randn(rows, 256).bfloat16()
 
     def product(rows: torch.Tensor) -> torch.Tensor:
         return kernels.int4_linear(rows, layer.weight, layer.scales_and_zeros, 128)
 
-    assert torch.equal(product(x), torch.cat([product(x[i : i + 1]) for i in range(20)]))
+    assert torch.equal(product(x), torch.cat([product(x[i : i + 1]) for i in range(rows)]))
 
 
 @needs_int4_kernel
