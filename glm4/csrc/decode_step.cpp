@@ -1,15 +1,16 @@
 // A whole decode step of a Glm4ForCausalLM on the CPU in one call: embedding, every layer (norms,
 // q/k/v with bias, the partial interleaved rope, the cache write, attention, o, the MLP, the
 // sandwich norms and residuals), the final norm and the lm_head, for 1 to 32 rows; the projections
-// bf16, or int8 with one scale per output row (glm4's weight-only int8).
+// bf16, int8 with one scale per output row or int4 with a scale and zero per group (glm4's
+// weight-only int8 and int4).
 //
 // At batch 1 the step streams every weight once, and the compiled graph of the same step spent
 // about 2 ms of its 13 (bench model, 60 GB/s) around the matmuls: dynamo's entry, the wrapper's
-// ~200 calls, a parallel region per small fused op. Here the bf16 matmuls are linear.h's, the int8
-// ones widen the weights to float32 (exact) for float32 products and sums, with the same tiles
-// (one parallel region each), the attention is attention.h's, and everything else is vectorised
-// loops over a row of at most a few thousand values: on the calling thread for a few rows, spread
-// over the threads from ROWS_APART rows up (each_row).
+// ~200 calls, a parallel region per small fused op. Here the matmuls are linear.h's, int8.h's and
+// int4.h's (one parallel region each; on AMX tiles where the CPU has them), the attention is
+// attention.h's, and everything else is vectorised loops over a row of at most a few thousand
+// values: on the calling thread for a few rows, spread over the threads from ROWS_APART rows up
+// (each_row).
 //
 // The arithmetic is the eager model's, rounding to bf16 wherever it does: after each norm (the
 // normalised row, then its product with the weight), each matmul (an int8 one after its scale),

@@ -1,5 +1,5 @@
 // The int4 kernel's core (see int4_linear.cpp), shared with the fused decode step
-// (decode_step.cpp): int4_linear_row() over raw buffers.
+// (decode_step.cpp): int4_linear_rows() over raw buffers.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -138,7 +138,7 @@ constexpr int64_t INT4_AMX_ROWS = 16;
 // int4_rows on AMX tiles for R rows of x (1 to INT4_AMX_ROWS) at once, for the blocks of 16 weight
 // rows r0..r1: per group, one tile op per 32 columns multiplies the 16 weight rows' unpacked
 // nibbles (tile A, from a buffer the next block is unpacked into meanwhile) with the R rows' column
-// pairs (tile B, R columns; xb as int4_amx_group takes it, one row's is int4_linear_row's xp),
+// pairs (tile B, R columns; xb from int4_operand, as int4_amx_group takes it),
 // adding into a float32 tile of 16 weight rows x R that is then scaled, per row of x, as a vector
 // of the 16 weight rows' scales and zeros; sums holds each row's sum of x per group, [group][R].
 // Each output takes the same operations in the same order whatever R: a row's numbers are the same
@@ -185,47 +185,37 @@ void int4_amx_rows(const char *xb, const float *sums, const uint8_t *w, const ui
 }
 #endif
 
-// y (N) = one row x (K) times the int4 weight w (N, K/2) with scales and zeros sz (N, K/group, 2),
-// on every thread (on AMX tiles where the CPU has them and they are on, see amx.h).
-inline void int4_linear_row(const uint16_t *xs, const uint8_t *w, const uint16_t *sz, uint16_t *out, int64_t K,
-                            int64_t N, int64_t group) {
-    std::vector<uint16_t> xp(K);
-    std::vector<float> sums(K / group, 0.0f);
-    for (int64_t c = 0; c < K; c += 64)
-        for (int64_t i = 0; i < 32; i++) xp[c + i] = xs[c + 2 * i], xp[c + 32 + i] = xs[c + 2 * i + 1];
-    for (int64_t k = 0; k < K; k++) sums[k / group] += bf16_to_float(xs[k]);
-#ifdef GLM4_AMX_KERNEL
-    if (glm4_amx::on()) {
-        at::parallel_for(0, (N + 15) / 16, 4, [&](int64_t r0, int64_t r1) {
-            int4_amx_rows(reinterpret_cast<const char *>(xp.data()), sums.data(), w, sz, out, K, group, N, 1, r0, r1);
-        });
-        return;
+// x's R rows (K columns each) as the kernels take them: xb per 64 columns the pairs of even
+// columns, then of odd ones, 16 pairs each, R rows a pair (one row: int4_rows' xp, as bf16), and
+// sums each row's sum of x per group, [group][R].
+inline void int4_operand(const uint16_t *xs, int64_t R, int64_t K, int64_t group, std::vector<uint32_t> &xb,
+                         std::vector<float> &sums) {
+    xb.resize(K / 2 * R);
+    sums.assign(K / group * R, 0.0f);
+    for (int64_t m = 0; m < R; m++) {
+        const uint16_t *x = xs + m * K;
+        for (int64_t c = 0; c < K; c += 64)
+            for (int64_t p = 0; p < 16; p++) {
+                xb[(c / 2 + p) * R + m] = x[c + 4 * p] | (uint32_t)x[c + 4 * p + 2] << 16;            // even columns
+                xb[(c / 2 + 16 + p) * R + m] = x[c + 4 * p + 1] | (uint32_t)x[c + 4 * p + 3] << 16;  // odd
+            }
+        for (int64_t k = 0; k < K; k++) sums[k / group * R + m] += bf16_to_float(x[k]);
     }
-#endif
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-        int4_rows(xp.data(), sums.data(), w, sz, out, K, group, n0, n1);
-    });
 }
 
-// y (M, N) = M rows of x (M, K) times the int4 weight, as int4_linear_row gives each row: on AMX
-// tiles up to INT4_AMX_ROWS rows in one pass over the weight, else one pass per row.
+// y (M, N) = M rows of x (M, K) times the int4 weight w (N, K/2) with scales and zeros sz (N,
+// K/group, 2), on every thread: on AMX tiles (where the CPU has them and they are on, see amx.h) up
+// to INT4_AMX_ROWS rows in one pass over the weight, else one pass per row. A row's numbers are the
+// same alone or among others.
 inline void int4_linear_rows(const uint16_t *xs, const uint8_t *w, const uint16_t *sz, uint16_t *out, int64_t M,
                              int64_t K, int64_t N, int64_t group) {
+    std::vector<uint32_t> xb;
+    std::vector<float> sums;
 #ifdef GLM4_AMX_KERNEL
-    if (M > 1 && glm4_amx::on()) {
+    if (glm4_amx::on()) {
         for (int64_t m0 = 0; m0 < M; m0 += INT4_AMX_ROWS) {
-            const int64_t R = std::min<int64_t>(INT4_AMX_ROWS, M - m0), groups = K / group;
-            std::vector<uint32_t> xb(K / 2 * R);  // as int4_linear_row's xp, per 64 columns, R rows a pair
-            std::vector<float> sums(groups * R, 0.0f);
-            for (int64_t m = 0; m < R; m++) {
-                const uint16_t *x = xs + (m0 + m) * K;
-                for (int64_t c = 0; c < K; c += 64)
-                    for (int64_t p = 0; p < 16; p++) {
-                        xb[(c / 2 + p) * R + m] = x[c + 4 * p] | (uint32_t)x[c + 4 * p + 2] << 16;  // even columns
-                        xb[(c / 2 + 16 + p) * R + m] = x[c + 4 * p + 1] | (uint32_t)x[c + 4 * p + 3] << 16;  // odd
-                    }
-                for (int64_t k = 0; k < K; k++) sums[k / group * R + m] += bf16_to_float(x[k]);
-            }
+            const int64_t R = std::min<int64_t>(INT4_AMX_ROWS, M - m0);
+            int4_operand(xs + m0 * K, R, K, group, xb, sums);
             at::parallel_for(0, (N + 15) / 16, 4, [&](int64_t r0, int64_t r1) {
                 int4_amx_rows(reinterpret_cast<const char *>(xb.data()), sums.data(), w, sz, out + m0 * N, K, group, N,
                               R, r0, r1);
@@ -234,7 +224,12 @@ inline void int4_linear_rows(const uint16_t *xs, const uint8_t *w, const uint16_
         return;
     }
 #endif
-    for (int64_t m = 0; m < M; m++) int4_linear_row(xs + m * K, w, sz, out + m * N, K, N, group);
+    for (int64_t m = 0; m < M; m++) {
+        int4_operand(xs + m * K, 1, K, group, xb, sums);
+        at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+            int4_rows(reinterpret_cast<const uint16_t *>(xb.data()), sums.data(), w, sz, out + m * N, K, group, n0, n1);
+        });
+    }
 }
 
 #endif  // GLM4_INT4_KERNEL
