@@ -1,5 +1,6 @@
 """The fused CPU decode step: a bf16 model's whole decode step in one C++ call (`kernels.decode_step`),
-its projections bf16, int8 or int4 (at batch 1, or up to 32 on AMX tiles).
+its projections bf16, int8 or int4 (batches of up to 8 bf16 rows, or 32 on AMX tiles; up to 32
+int8 or int4 rows).
 
 At batch 1 a decode step streams every weight once. Run as a torch.compile'd graph, the same step
 spends about 2 ms of its 13 (bench model, 60 GB/s) outside the matmuls: dynamo's entry, the
@@ -56,13 +57,12 @@ def _projections(model: torch.nn.Module) -> list[torch.nn.Module]:
 def applies(model: torch.nn.Module, batch_size: int) -> bool:
     """Whether `fused_step` runs this model at this batch size: a bf16 causal LM on the CPU in
     inference, every projection a plain bf16 Linear, an int8 one, or an int4 one in groups of a
-    multiple of 64 at batch 1 (its vector kernel reads the weight once per row; on AMX tiles up to 32
-    rows, as `linear.int4_kernel_rows`), none sharded for tensor
-    parallel, a head dim the attention kernel has, rope frequencies that do not change with the
-    length, large enough that the kernel build pays (as `kernels.can_bf16_linear`), and the kernels
-    built for this CPU."""
+    multiple of 64, at a batch size all of them take (`linear.kernel_rows`,
+    `linear.QUANTIZED_KERNEL_ROWS`), none sharded for tensor parallel, a head dim the attention
+    kernel has, rope frequencies that do not change with the length, large enough that the kernel
+    build pays (as `kernels.can_bf16_linear`), and the kernels built for this CPU."""
     from glm4 import parallel
-    from glm4.linear import KERNEL_ROWS, Linear, int4_kernel_rows, int8_kernel_rows, kernel_rows
+    from glm4.linear import KERNEL_ROWS, QUANTIZED_KERNEL_ROWS, Linear, kernel_rows
     from glm4.quantization import Int4Linear, Int8Linear
 
     if not hasattr(model, "lm_head") or model.training or parallel.is_tensor_parallel():
@@ -78,9 +78,7 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
         # compiled step), but for the AMX tiles (bf16 weights only).
         if type(m) is Linear:
             return kernel_rows(m.in_features, packed)
-        if type(m) is Int8Linear:
-            return int8_kernel_rows(m.in_features)
-        return int4_kernel_rows() if type(m) is Int4Linear else KERNEL_ROWS
+        return QUANTIZED_KERNEL_ROWS if type(m) in (Int8Linear, Int4Linear) else KERNEL_ROWS
 
     return (
         batch_size >= 1

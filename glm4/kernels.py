@@ -190,7 +190,7 @@ def can_bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def can_int8(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `int8_linear` runs x @ (weight * scales).T: bf16 x and an int8 weight on the CPU, a
     contiguous weight of at least BF16_LINEAR_MIN_WEIGHT elements, nothing that needs gradients.
-    The caller picks the rows (`linear.int8_kernel_rows`)."""
+    The caller picks the rows (`linear.QUANTIZED_KERNEL_ROWS`)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16
@@ -216,7 +216,7 @@ def can_int4_dequantize(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def can_int4(x: torch.Tensor, group_size: int) -> bool:
     """Whether `int4_linear` runs x: bf16 on the CPU, groups of a multiple of 64 columns. The caller
-    picks the rows (`linear.int4_kernel_rows`)."""
+    picks the rows (`linear.QUANTIZED_KERNEL_ROWS`)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16

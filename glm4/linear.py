@@ -48,20 +48,16 @@ def kernel_rows(in_features: int, packed: bool) -> int:
     return KERNEL_ROWS_PACKED if packed else KERNEL_ROWS
 
 
-def int4_kernel_rows() -> int:
-    """The most rows of x for which glm4's int4 kernel runs a product: one on the vector path (each
-    row is a pass over the weight); 32 on AMX tiles, 16 to a pass (on the benchmark's gate_up
-    weight, Intel Xeon, 2 threads: against torch's int4 kernel 1.2x at 1 row, 2.2x at 8, 3.2x at 16;
-    at 32 rows, 1.6x the dequantized weight's bf16 matmul)."""
-    return AMX_KERNEL_ROWS if kernels.set_amx() else 1
-
-
-def int8_kernel_rows(in_features: int) -> int:
-    """The most rows of x for which glm4's int8 kernel runs a product with a weight of this width:
-    8 widening the weight for float32 FMAs (at 16 rows it was no faster than torch's kernel), 32 on
-    AMX-INT8 tiles (a multiple of 64 wide): against torch's `_weight_int8pack_mm` on the benchmark's
-    gate_up weight (Intel Xeon, 2 threads) 2.2x at 1 row, 4.4x at 8, 4.3x at 16 and 5.6x at 32."""
-    return AMX_KERNEL_ROWS if in_features % 64 == 0 and kernels.set_amx() else KERNEL_ROWS
+# Rows of x up to which glm4's int8 and int4 kernels run a product (more rows: the weight widened
+# or dequantized to bf16 once, into the library's bf16 matmul). On AMX tiles, 16 rows to a pass (on
+# the benchmark's gate_up weight, Intel Xeon, 2 threads: int4 against torch's int4 kernel 1.2x at 1
+# row, 2.2x at 8, 3.2x at 16; int8 against torch's `_weight_int8pack_mm` 2.2x at 1 row, 4.4x at 8,
+# 5.6x at 32). On the vector path int8 widens the weight to bf16 in registers, 8 rows to a pass;
+# int4 takes a pass per row up to 2 rows and from 3 dequantizes each tile of the weight to bf16 once
+# for all of them (int8.h, int4.h). At 32 rows either is 1.1-1.6x the widened weight's library
+# matmul on the gate_up weight and 3x on the lm_head (AMD EPYC, 2 threads); at 64 rows the matmul
+# catches up on weights that fit the cache.
+QUANTIZED_KERNEL_ROWS = 32
 
 
 class Linear(nn.Linear):

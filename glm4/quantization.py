@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4 import hugepages, kernels
-from glm4.linear import KERNEL_ROWS, int4_kernel_rows, int8_kernel_rows
+from glm4.linear import KERNEL_ROWS, QUANTIZED_KERNEL_ROWS
 
 logger = logging.getLogger("glm4")
 
@@ -66,7 +66,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
         # (can_int8 first: a toy model's layer never builds the kernels)
-        if kernels.can_int8(x, self.weight) and rows <= int8_kernel_rows(self.in_features):
+        if kernels.can_int8(x, self.weight) and rows <= QUANTIZED_KERNEL_ROWS:
             y = kernels.int8_linear(x, self.weight, self.scales.to(x.dtype))
         elif _compiled_single_row(x):
             y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1) * self.scales.float()
@@ -129,7 +129,7 @@ INT4_KERNELS = {
 }
 
 
-# Rows of x from which an int4 layer on the CPU, past what glm4's kernel takes (linear.int4_kernel_rows),
+# Rows of x from which an int4 layer on the CPU, past what glm4's kernel takes (linear.QUANTIZED_KERNEL_ROWS),
 # dequantizes its weight into the library's bf16 matmul (kernels.int4_dequantize) instead of running
 # torch's packed int4 kernel: on the benchmark's gate_up weight (Intel Xeon, 2 threads) the two tie
 # at 16 rows, and the matmul is 2x faster at 32, 3.4x at 64 and 10x at 512 (prefill).
@@ -220,7 +220,7 @@ class Int4Linear(nn.Module):
         # (A compiled multiply-reduce measured slower than torch's kernel for int4; int8 is the reverse.)
         fast_dequantize = kernels.can_int4_dequantize(x, self.weight)
         rows = x.shape[:-1].numel()
-        if kernels.can_int4(x, self.group_size) and rows <= int4_kernel_rows():  # on the stored layout
+        if kernels.can_int4(x, self.group_size) and rows <= QUANTIZED_KERNEL_ROWS:  # on the stored layout
             y = kernels.int4_linear(x, self.weight, self.scales_and_zeros.to(x.dtype), self.group_size)
         elif (
             self.packed_for == x.device.type

@@ -6,7 +6,7 @@ import torch
 from helpers import with_threads
 
 from glm4 import kernels
-from glm4.linear import int8_kernel_rows
+from glm4.linear import QUANTIZED_KERNEL_ROWS
 from glm4.quantization import Int8Linear
 
 needs_int8_kernel = pytest.mark.skipif(
@@ -31,7 +31,8 @@ def operands(rows: int, n: int, k: int, seed: int = 0):
     [
         (1, 512, 1024),
         (3, 301, 1024),  # the last block of 16 weight rows has 13
-        (8, 64, 2816),
+        (8, 64, 2816),  # the vector path: one pass
+        (9, 64, 2816),  # the vector path: passes of 8 rows and 1
         (16, 300, 1024),  # AMX: one pass, the rows' 48 digits in three tiles
         (17, 300, 1024),  # AMX: passes of 16 rows and 1
         (33, 40, 512),  # AMX: three passes
@@ -39,8 +40,9 @@ def operands(rows: int, n: int, k: int, seed: int = 0):
     ],  # fmt: skip
 )
 def test_int8_linear_is_the_exact_product_rounded_once(shape, threads, kernel_path):
-    """Products exact (the tiles: x split exactly into 8-bit digits; the vectors: float32), sums
-    in int32 or float32: the exact product rounded to bf16, but for a rare output at a rounding tie."""
+    """Products exact (the tiles: x split exactly into 8-bit digits; the vectors: q widened to bf16),
+    sums in int32 or float32: the exact product rounded to bf16, but for a rare output at a rounding
+    tie."""
     x, weight, scales = operands(*shape, seed=sum(shape))
     ours = with_threads(threads, lambda: kernels.int8_linear(x, weight, scales))
     exact = x.double() @ (weight.double() * scales.double()[:, None]).T
@@ -51,12 +53,13 @@ def test_int8_linear_is_the_exact_product_rounded_once(shape, threads, kernel_pa
 
 @needs_int8_kernel
 def test_int8_linear_rows_do_not_depend_on_the_batch_or_the_threads(kernel_path):
-    """A row's outputs are the same alone or among others (several AMX passes), on any number of
-    threads, so a sequence decodes alike alone or in the server's batch."""
+    """A row's outputs are the same alone or among others (several AMX passes, or passes of 8 rows
+    on the vector path), on any number of threads, so a sequence decodes alike alone or in the
+    server's batch."""
     x, weight, scales = operands(32, 301, 1024)
     together = with_threads(1, lambda: kernels.int8_linear(x, weight, scales))
     assert torch.equal(with_threads(2, lambda: kernels.int8_linear(x, weight, scales)), together)
-    for i in (0, 14, 15, 31):
+    for i in (0, 7, 8, 14, 15, 31):
         assert torch.equal(kernels.int8_linear(x[i : i + 1], weight, scales), together[i : i + 1])
 
 
@@ -86,11 +89,10 @@ def test_where_int8_linear_runs():
 @needs_int8_kernel
 @pytest.mark.parametrize("width", [512, 544])
 def test_int8_layers_take_the_kernel_by_rows(width, kernel_path, monkeypatch):
-    """Up to 8 rows on the vector path, 32 on AMX tiles (a width that is a multiple of 64); more
-    rows: torch's int8 kernel. The same numbers within bf16 rounding either way."""
+    """Up to 32 rows on either path (the AMX tiles take widths that are a multiple of 64); more
+    rows: the library's matmul on the weight widened to bf16. The same numbers within bf16 rounding
+    either way."""
     layer = Int8Linear.from_linear(torch.nn.Linear(width, 1024, bias=True).bfloat16())
-    amx = kernel_path == "amx" and width % 64 == 0
-    assert int8_kernel_rows(width) == (32 if amx else 8)
     calls = []
     kernel = kernels.int8_linear
     monkeypatch.setattr(kernels, "int8_linear", lambda *a: calls.append(1) or kernel(*a))
@@ -104,8 +106,8 @@ def test_int8_layers_take_the_kernel_by_rows(width, kernel_path, monkeypatch):
         torch.testing.assert_close(y.double(), reference, atol=0.02, rtol=0.02)
         return bool(calls)
 
-    limit = int8_kernel_rows(width)
-    assert [run(r) for r in (1, limit, limit + 1)] == [True, True, False]
+    limit = QUANTIZED_KERNEL_ROWS
+    assert [run(r) for r in (1, 5, limit, limit + 1)] == [True, True, True, False]
 
 
 def test_toy_int8_layers_never_ask_for_the_kernels(monkeypatch):

@@ -242,26 +242,33 @@ def test_int4_kernel_equals_the_dequantized_weight(shape, threads, kernel_path):
 @pytest.mark.parametrize("rows", [17, 20])
 def test_int4_kernel_rows_do_not_depend_on_the_batch(rows, kernel_path):
     """Several rows at once (on AMX tiles, passes of 16 and 1, or 16 and 4) give each row the bits
-    it gets alone."""
+    it gets alone. The vector path has two ways, a pass per row up to 2 rows, the weight dequantized
+    a tile at a time from 3: a row gets the same bits among any rows of one way."""
     layer = int4_layer(304, 256, 128)
     x = torch.randn(rows, 256).bfloat16()
 
     def product(rows: torch.Tensor) -> torch.Tensor:
         return kernels.int4_linear(rows, layer.weight, layer.scales_and_zeros, 128)
 
-    assert torch.equal(product(x), torch.cat([product(x[i : i + 1]) for i in range(rows)]))
+    together = product(x)
+    alone = torch.cat([product(x[i : i + 1]) for i in range(rows)])
+    if kernel_path == "amx":
+        assert torch.equal(together, alone)
+    assert torch.equal(product(x[:2]), alone[:2])
+    threes = torch.cat([product(x[i : i + 3]) for i in range(0, rows - 2, 3)])
+    assert torch.equal(threes, together[: rows // 3 * 3])
+    # the two ways: the same numbers within float32 sums
+    torch.testing.assert_close(together, alone, rtol=0.01, atol=0.01)
 
 
 @needs_int4_kernel
 def test_int4_layers_take_the_kernel_by_rows(kernel_path, monkeypatch):
-    """One row on the vector path (each row is a pass over the weight), up to 32 on AMX tiles (16 to
-    a pass), where a row's outputs are the same bits alone or in the batch; more rows: torch's
-    kernel."""
-    from glm4.linear import int4_kernel_rows
+    """Up to 32 rows on either path; more rows: the weight dequantized into the library's matmul.
+    On AMX tiles a row's outputs are the same bits alone or in the batch."""
+    from glm4.linear import QUANTIZED_KERNEL_ROWS
 
     layer = int4_layer(64, 128, 64)
-    limit = int4_kernel_rows()
-    assert limit == (32 if kernel_path == "amx" else 1)
+    limit = QUANTIZED_KERNEL_ROWS
     calls = []
     kernel = kernels.int4_linear
     monkeypatch.setattr(kernels, "int4_linear", lambda *args: calls.append(1) or kernel(*args))
@@ -272,9 +279,13 @@ def test_int4_layers_take_the_kernel_by_rows(kernel_path, monkeypatch):
             return layer(x), bool(calls)
 
     rows = torch.randn(limit + 1, 1, 128).bfloat16()
-    assert [run(rows[:n])[1] for n in (1, limit, limit + 1)] == [True, True, False]
+    assert [run(rows[:n])[1] for n in (1, 3, limit, limit + 1)] == [True, True, True, False]
     for i in (0, limit - 1):
-        assert torch.equal(run(rows[:limit])[0][i], run(rows[i : i + 1])[0][0])
+        ours, alone = run(rows[:limit])[0][i], run(rows[i : i + 1])[0][0]
+        if kernel_path == "amx":
+            assert torch.equal(ours, alone)
+        else:
+            torch.testing.assert_close(ours, alone, rtol=0.01, atol=0.01)
     assert not kernels.can_int4(torch.randn(1, 128).bfloat16(), 32)  # groups of 32: torch's kernel
     assert not kernels.can_int4(torch.randn(1, 128), 64)  # float32
 
@@ -295,7 +306,7 @@ def test_int4_layers_dequantize_into_the_matmul_for_many_rows(kernel_path, monke
     dequantized by glm4's kernel into the library's bf16 matmul, the same numbers as the Python
     dequantize would give; fewer rows keep the int4 kernels, and toy layers (fewer than
     BF16_LINEAR_MIN_WEIGHT weights) the Python path."""
-    from glm4.linear import int4_kernel_rows
+    from glm4.linear import QUANTIZED_KERNEL_ROWS
     from glm4.quantization import INT4_DEQUANTIZE_ROWS
 
     layer = int4_layer(512, 1024, 64)
@@ -303,11 +314,11 @@ def test_int4_layers_dequantize_into_the_matmul_for_many_rows(kernel_path, monke
     kernel = kernels.int4_dequantize
     monkeypatch.setattr(kernels, "int4_dequantize", lambda *args: calls.append(1) or kernel(*args))
     with torch.no_grad():
-        x = torch.randn(max(INT4_DEQUANTIZE_ROWS, int4_kernel_rows() + 1), 1, 1024).bfloat16()
+        x = torch.randn(max(INT4_DEQUANTIZE_ROWS, QUANTIZED_KERNEL_ROWS + 1), 1, 1024).bfloat16()
         y = layer(x)
         assert calls == [1]
         assert torch.equal(y, torch.nn.functional.linear(x, layer.dequantize().bfloat16()) + layer.bias)
-        layer(x[: INT4_DEQUANTIZE_ROWS - 1])  # torch's kernel, or glm4's on AMX tiles
+        layer(x[: INT4_DEQUANTIZE_ROWS - 1])  # glm4's int4 kernel
         assert calls == [1]
     assert not kernels.can_int4_dequantize(x, int4_layer(64, 128, 64).weight)
     assert not kernels.can_int4_dequantize(x.float(), layer.weight)
@@ -328,14 +339,11 @@ def test_int4_model_decodes_through_the_kernel_compiled():
         compiled = torch.stack(
             list(stream_tokens(model, ids, max_new_tokens=6, eos_token_id=[], compile=True)), 1
         )
-    from glm4.linear import int4_kernel_rows
-
     calls = sum(e.count for e in prof.key_averages() if e.key == "glm4::int4_linear")
     layers = model.config.num_hidden_layers
-    # q, k, v, o, gate_up, down and the head in each of 5 decode steps; the prompt's last-row head;
-    # on AMX tiles the 5-row prompt's projections too
-    prompt = 6 * layers if ids.shape[1] <= int4_kernel_rows() else 0
-    assert calls == 5 * (6 * layers + 1) + 1 + prompt
+    # q, k, v, o, gate_up, down and the head in each of 5 decode steps; the prompt's last-row head
+    # and the 5-row prompt's projections
+    assert calls == 5 * (6 * layers + 1) + 1 + 6 * layers
     assert torch.equal(compiled, eager)
 
 

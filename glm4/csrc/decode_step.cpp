@@ -136,7 +136,7 @@ const uint16_t *bits(const at::Tensor &t) {
 
 // One projection of the weights list: y = x W^T (+ bias), W bf16, int8 with per-row scales, or int4
 // with per-group scales and zeros (glm4's layout, see int4.h; on AMX tiles one pass over W for up
-// to 16 rows of x, else one per row).
+// to 16 rows of x, else one per row for 1 or 2 rows, or W dequantized a tile at a time for more).
 struct Projection {
     enum Kind { BF16, INT8, INT4 } kind = BF16;
     const void *weight = nullptr;
@@ -185,7 +185,8 @@ Projection projection(const at::Tensor *t, int64_t N, int64_t K, const char *nam
 // weights: as PER_LAYER above; keys and values: the cache, (C, H_kv, max_length, D) per layer,
 // written in place, whose batch row rows[b] is row b's (rows None: C = B and row b); inv_freq
 // (R / 2) float32 and rope_scale: the rotary frequencies and cos/sin factor. Returns float32
-// logits (B, vocab). A row's numbers do not depend on the other rows, nor on how many there are.
+// logits (B, vocab). A row's numbers do not depend on the other rows, nor on how many there are
+// (int4 weights without AMX tiles: the same among 1 or 2 rows, or among 3 or more; see int4.h).
 at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, const at::Tensor &mask,
                        const at::Tensor &cache_position, at::TensorList weights, at::TensorList keys,
                        at::TensorList values, const at::Tensor &inv_freq, double rope_scale, double eps,

@@ -7,7 +7,8 @@
 // two bitwise ops (each q becomes 128 + q, see int4.h) and multiplies them with vdpbf16ps:
 //   y[n] = sum_g scale[n,g] * sum_{k in g} (q[n,k] - 8) x[k]  +  sum_g zero[n,g] * sum_{k in g} x[k].
 // Products of bf16 are exact and summed in float32; on a CPU with AMX tiles the products run on them
-// (int4.h: int4_amx_rows), where up to 16 rows share one pass over the weight.
+// (int4.h: int4_amx_rows), where up to 16 rows share one pass over the weight; elsewhere 3 rows or
+// more dequantize each tile of the weight to bf16 once for all of them.
 // Needs AVX-512BW and AVX-512 BF16; built without
 // them it only says so (glm4_int4_linear_supported() returns 0), and glm4 keeps torch's kernel.
 
@@ -24,8 +25,7 @@
 
 namespace {
 
-// x (..., K) bf16; weight (N, K/2) uint8; scales_and_zeros (N, K/group, 2) bf16. Any number of rows,
-// though each takes a pass over the weight but on AMX tiles (16 rows a pass).
+// x (..., K) bf16; weight (N, K/2) uint8; scales_and_zeros (N, K/group, 2) bf16. Any number of rows.
 at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &scales_and_zeros,
                        int64_t group) {
 #ifdef GLM4_INT4_KERNEL
@@ -69,26 +69,8 @@ at::Tensor int4_dequantize(const at::Tensor &weight, const at::Tensor &scales_an
     const uint8_t *w = wc.const_data_ptr<uint8_t>();
     const uint16_t *sz = reinterpret_cast<const uint16_t *>(szc.const_data_ptr());
     uint16_t *y = reinterpret_cast<uint16_t *>(out.mutable_data_ptr());
-    const int64_t groups = K / group;
-    // 16 columns from 8 bytes: byte j's low nibble is column 2j, its high one 2j + 1.
-    const __m512i spread = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    const __m512i shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; n++)
-            for (int64_t g = 0; g < groups; g++) {
-                const __m512 scale = _mm512_set1_ps(bf16_to_float(sz[(n * groups + g) * 2]));
-                const __m512 zero = _mm512_set1_ps(bf16_to_float(sz[(n * groups + g) * 2 + 1]));
-                for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
-                    const __m128i eight = _mm_loadl_epi64((const __m128i *)(w + n * (K / 2) + k / 2));
-                    const __m512i bytes = _mm512_permutexvar_epi32(spread, _mm512_cvtepu8_epi32(eight));
-                    const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(bytes, shifts), _mm512_set1_epi32(15));
-                    const __m512 centred = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8)));
-                    // (q - 8) * scale is exact in float32 (a bf16 times 4 bits), so the fused multiply-add
-                    // rounds as the Python path's product and sum.
-                    const __m512 w16 = _mm512_fmadd_ps(centred, scale, zero);
-                    _mm256_storeu_si256((__m256i *)(y + n * K + k), (__m256i)_mm512_cvtneps_pbh(w16));
-                }
-            }
+        for (int64_t n = n0; n < n1; n++) int4_dequantize_row(w, sz, n, K, group, y + n * K);
     });
     return out;
 #else

@@ -1,7 +1,8 @@
 // A few rows of bf16 activations times glm4's weight-only int8 weight: q (N, K) int8 with one bf16
 // scale per output row, y = x (q * scale)^T. The fused decode step's int8 matmuls (int8.h), as an
-// op of their own: up to 8 rows widen q to float32 for float32 FMAs (exact products), and on a CPU
-// with AMX tiles any number of rows multiply q as stored with x split exactly into 8-bit digits.
+// op of their own: q widened to bf16 (exactly) for vdpbf16ps, and on a CPU with AMX tiles q as
+// stored times x split exactly into 8-bit digits; either way a row's numbers do not depend on the
+// other rows.
 // Needs AVX-512BW, VL and BF16; built without them it only says so (glm4_int8_linear_supported()
 // returns 0), and glm4 keeps torch's kernel.
 

@@ -25,19 +25,30 @@ namespace {
 
 constexpr int MAX_ROWS = 8;  // rows of x per pass over a tile: 2 x 8 accumulators, one reduce16
 
-// y[m, r[j]] = x[m] . w[r[j]] for the M rows of x (a pass) and the NB weight rows r.
-template <int M, int NB>
-inline void tile(const uint16_t *x, const uint16_t *const *w, uint16_t *y, int64_t K, int64_t N,
-                 const int64_t *r) {
+// Weight rows stored as bf16, as `tile` reads them: w(j, k) the 32 columns from k of row j (the
+// lanes of `in` for the last K % 32, 0 elsewhere).
+struct Bf16Rows {
+    const uint16_t *row[2];
+    __m512bh operator()(int j, int64_t k) const {
+        prefetch_ahead(row[j] + k);
+        return (__m512bh)_mm512_loadu_si512(row[j] + k);
+    }
+    __m512bh operator()(int j, int64_t k, __mmask32 in) const {
+        return (__m512bh)_mm512_maskz_loadu_epi16(in, row[j] + k);
+    }
+};
+
+// y[m, r[j]] = x[m] . w[j] for the M rows of x (a pass) and the NB weight rows w (rows r[j] of the
+// weight; see Bf16Rows), times scales[r[j]] before the rounding where there are scales (int8.h).
+template <int M, int NB, typename Rows>
+inline void tile(const uint16_t *x, const Rows &w, uint16_t *y, int64_t K, int64_t N, const int64_t *r,
+                 const uint16_t *scales) {
     __m512 a[16];
     for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
         __m512bh wv[NB];
-        for (int j = 0; j < NB; j++) {
-            wv[j] = (__m512bh)_mm512_loadu_si512(w[j] + k);
-            prefetch_ahead(w[j] + k);
-        }
+        for (int j = 0; j < NB; j++) wv[j] = w(j, k);
         for (int m = 0; m < M; m++) {
             __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
             for (int j = 0; j < NB; j++) a[m * NB + j] = _mm512_dpbf16_ps(a[m * NB + j], wv[j], xv);
@@ -46,7 +57,7 @@ inline void tile(const uint16_t *x, const uint16_t *const *w, uint16_t *y, int64
     if (k < K) {  // the last K % 32 columns
         __mmask32 tail = (__mmask32)((1ull << (K - k)) - 1);
         __m512bh wv[NB];
-        for (int j = 0; j < NB; j++) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(tail, w[j] + k);
+        for (int j = 0; j < NB; j++) wv[j] = w(j, k, tail);
         for (int m = 0; m < M; m++) {
             __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * K + k);
             for (int j = 0; j < NB; j++) a[m * NB + j] = _mm512_dpbf16_ps(a[m * NB + j], wv[j], xv);
@@ -55,27 +66,26 @@ inline void tile(const uint16_t *x, const uint16_t *const *w, uint16_t *y, int64
     alignas(64) float sums[16];
     _mm512_store_ps(sums, reduce16(a));
     for (int m = 0; m < M; m++)
-        for (int j = 0; j < NB; j++) y[m * N + r[j]] = float_to_bf16(sums[m * NB + j]);
+        for (int j = 0; j < NB; j++)
+            y[m * N + r[j]] = float_to_bf16(scales ? sums[m * NB + j] * bf16_to_float(scales[r[j]]) : sums[m * NB + j]);
 }
 
-// Every pass of MAX_ROWS rows (and the rest) over the weight rows r.
-template <int NB>
-void rows_times(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t K, int64_t N,
-                const int64_t *r) {
-    const uint16_t *wr[NB];
-    for (int j = 0; j < NB; j++) wr[j] = w + r[j] * K;
+// Every pass of MAX_ROWS rows (and the rest) over the weight rows w (rows r of the weight).
+template <int NB, typename Rows>
+void rows_times(const uint16_t *x, const Rows &w, uint16_t *y, int64_t M, int64_t K, int64_t N, const int64_t *r,
+                const uint16_t *scales = nullptr) {
     for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
         const uint16_t *xm = x + m0 * K;
         uint16_t *ym = y + m0 * N;
         switch (std::min<int64_t>(M - m0, MAX_ROWS)) {
-            case 1: tile<1, NB>(xm, wr, ym, K, N, r); break;
-            case 2: tile<2, NB>(xm, wr, ym, K, N, r); break;
-            case 3: tile<3, NB>(xm, wr, ym, K, N, r); break;
-            case 4: tile<4, NB>(xm, wr, ym, K, N, r); break;
-            case 5: tile<5, NB>(xm, wr, ym, K, N, r); break;
-            case 6: tile<6, NB>(xm, wr, ym, K, N, r); break;
-            case 7: tile<7, NB>(xm, wr, ym, K, N, r); break;
-            default: tile<8, NB>(xm, wr, ym, K, N, r); break;
+            case 1: tile<1, NB>(xm, w, ym, K, N, r, scales); break;
+            case 2: tile<2, NB>(xm, w, ym, K, N, r, scales); break;
+            case 3: tile<3, NB>(xm, w, ym, K, N, r, scales); break;
+            case 4: tile<4, NB>(xm, w, ym, K, N, r, scales); break;
+            case 5: tile<5, NB>(xm, w, ym, K, N, r, scales); break;
+            case 6: tile<6, NB>(xm, w, ym, K, N, r, scales); break;
+            case 7: tile<7, NB>(xm, w, ym, K, N, r, scales); break;
+            default: tile<8, NB>(xm, w, ym, K, N, r, scales); break;
         }
     }
 }
@@ -187,10 +197,28 @@ inline void linear_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int64
     if (K % 32 == 0 && glm4_amx::on()) return amx_linear_rows(x, w, y, M, K, N);
 #endif
     for_each_tile(N, [&](const int64_t *r, int rows) {
+        const Bf16Rows wr{{w + r[0] * K, w + r[1] * K}};
         if (rows == 2)
-            rows_times<2>(x, w, y, M, K, N, r);
+            rows_times<2>(x, wr, y, M, K, N, r);
         else
-            rows_times<1>(x, w, y, M, K, N, r);
+            rows_times<1>(x, wr, y, M, K, N, r);
+    });
+}
+
+// linear_rows' vector path for a weight stored otherwise (int4), each tile's weight rows widened to
+// bf16 first by widen(r, rows, buffer) into `rows` rows of K, then multiplied as linear_rows does.
+// For many rows of x, where the widening, once per tile for all of them, costs less than the products.
+template <typename Widen>
+inline void widened_rows(const uint16_t *x, uint16_t *y, int64_t M, int64_t K, int64_t N, const Widen &widen) {
+    for_each_tile(N, [&](const int64_t *r, int rows) {
+        thread_local std::vector<uint16_t> kept;
+        kept.resize(2 * K);
+        const Bf16Rows wr{{kept.data(), kept.data() + K}};
+        widen(r, rows, kept.data());
+        if (rows == 2)
+            rows_times<2>(x, wr, y, M, K, N, r);
+        else
+            rows_times<1>(x, wr, y, M, K, N, r);
     });
 }
 
