@@ -239,6 +239,24 @@ def test_int4_kernel_equals_the_dequantized_weight(shape, threads, kernel_path):
 
 
 @needs_int4_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [3, 9, 20])
+def test_int4_kernel_rows_are_the_dequantized_weights_product(rows, threads, kernel_path):
+    """Several rows at once on the vector path (the weight dequantized two rows at a time, an odd
+    count of weight rows leaving one alone): the product with the bf16 weight of
+    `Int4Linear.dequantize()`, rounded once, but for a rare output at a rounding tie. (On AMX tiles
+    rows take the one-row arithmetic: see the test below.)"""
+    if kernel_path == "amx":
+        pytest.skip("the vector path's way for 3 rows or more")
+    layer = int4_layer(301, 512, 64, seed=rows)
+    x = torch.randn(rows, 512).bfloat16()
+    ours = with_threads(threads, lambda: kernels.int4_linear(x, layer.weight, layer.scales_and_zeros, 64))
+    exact = x.double() @ layer.dequantize().bfloat16().double().T
+    assert (ours == exact.bfloat16()).float().mean() >= 0.99
+    assert ((ours.double() - exact).abs() <= 2**-7 * exact.abs() + 1e-6 * exact.abs().max()).all()
+
+
+@needs_int4_kernel
 @pytest.mark.parametrize("rows", [17, 20])
 def test_int4_kernel_rows_do_not_depend_on_the_batch(rows, kernel_path):
     """Several rows at once (on AMX tiles, passes of 16 and 1, or 16 and 4) give each row the bits

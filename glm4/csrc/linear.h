@@ -90,6 +90,16 @@ void rows_times(const uint16_t *x, const Rows &w, uint16_t *y, int64_t M, int64_
     }
 }
 
+// rows_times for one tile of for_each_tile (below): its `rows` weight rows (2 or 1), read through w.
+template <typename Rows>
+inline void tile_times(const uint16_t *x, const Rows &w, int rows, uint16_t *y, int64_t M, int64_t K, int64_t N,
+                       const int64_t *r, const uint16_t *scales = nullptr) {
+    if (rows == 2)
+        rows_times<2>(x, w, y, M, K, N, r, scales);
+    else
+        rows_times<1>(x, w, y, M, K, N, r, scales);
+}
+
 // tile(r, rows) for every tile of a weight of N rows, split over the threads: tile t holds the
 // weight rows r = {t, t + half} (rows = 2), or the middle row of an odd N alone (rows = 1).
 template <typename Tile>
@@ -197,11 +207,7 @@ inline void linear_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int64
     if (K % 32 == 0 && glm4_amx::on()) return amx_linear_rows(x, w, y, M, K, N);
 #endif
     for_each_tile(N, [&](const int64_t *r, int rows) {
-        const Bf16Rows wr{{w + r[0] * K, w + r[1] * K}};
-        if (rows == 2)
-            rows_times<2>(x, wr, y, M, K, N, r);
-        else
-            rows_times<1>(x, wr, y, M, K, N, r);
+        tile_times(x, Bf16Rows{{w + r[0] * K, w + r[rows - 1] * K}}, rows, y, M, K, N, r);
     });
 }
 
@@ -213,12 +219,8 @@ inline void widened_rows(const uint16_t *x, uint16_t *y, int64_t M, int64_t K, i
     for_each_tile(N, [&](const int64_t *r, int rows) {
         thread_local std::vector<uint16_t> kept;
         kept.resize(2 * K);
-        const Bf16Rows wr{{kept.data(), kept.data() + K}};
         widen(r, rows, kept.data());
-        if (rows == 2)
-            rows_times<2>(x, wr, y, M, K, N, r);
-        else
-            rows_times<1>(x, wr, y, M, K, N, r);
+        tile_times(x, Bf16Rows{{kept.data(), kept.data() + K}}, rows, y, M, K, N, r);
     });
 }
 
