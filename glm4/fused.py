@@ -56,8 +56,8 @@ def _projections(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def applies(model: torch.nn.Module, batch_size: int) -> bool:
     """Whether `fused_step` runs this model at this batch size: a bf16 causal LM on the CPU in
-    inference, every projection a plain bf16 Linear, an int8 one, or an int4 one in groups of a
-    multiple of 64, at a batch size all of them take (`linear.kernel_rows`,
+    inference, every projection a plain bf16 Linear, an int8 one, or an int4 one in groups the
+    kernels take (`kernels.int4_group_fits`), at a batch size all of them take (`linear.kernel_rows`,
     `linear.QUANTIZED_KERNEL_ROWS`), none sharded for tensor parallel, a head dim the attention
     kernel has, rope frequencies that do not change with the length, large enough that the kernel
     build pays (as `kernels.can_bf16_linear`), and the kernels built for this CPU."""
@@ -70,7 +70,7 @@ def applies(model: torch.nn.Module, batch_size: int) -> bool:
     config, projections = model.config, _projections(model)
     packed = any(type(m) is Linear and m.packed is not None for m in projections)
     int4 = [m for m in projections if type(m) is Int4Linear]
-    if any(m.group_size % 64 for m in int4):
+    if not all(kernels.int4_group_fits(m.group_size) for m in int4):
         return False
 
     def rows(m: torch.nn.Module) -> int:

@@ -214,13 +214,19 @@ def can_int4_dequantize(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def int4_group_fits(group_size: int) -> bool:
+    """Whether `int4_linear` and `decode_step` take int4 groups of this many columns: 64, or a
+    multiple of 128 (the kernel unpacks 128 columns at a time, two groups of 64 or part of one)."""
+    return group_size == 64 or (group_size > 0 and group_size % 128 == 0)
+
+
 def can_int4(x: torch.Tensor, group_size: int) -> bool:
-    """Whether `int4_linear` runs x: bf16 on the CPU, groups of a multiple of 64 columns. The caller
+    """Whether `int4_linear` runs x: bf16 on the CPU, groups of 64 columns or a multiple of 128. The caller
     picks the rows (`linear.QUANTIZED_KERNEL_ROWS`)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16
-        and group_size % 64 == 0
+        and int4_group_fits(group_size)
         and _inference(x)
         and available("int4_linear")
     )

@@ -239,7 +239,7 @@ def test_on_amx_tiles_it_takes_32_rows(kernel_path):
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_twenty_rows_equal_the_module_step(quantization, kernel_path):
     """Rows for both of the AMX pass's B tiles (16 + 4; int8 and int4: two passes, of 16 and 4
-    rows; on the vector path, their weights widened a tile at a time), and enough for the per-row
+    rows; on the vector path, int8 passes of 8 rows, int4 passes of 4), and enough for the per-row
     loops to spread over the threads: logits within bf16 rounding of the module's step."""
     model = model_of(INT4, quantization=quantization)
     if not fused.applies(model, 20):

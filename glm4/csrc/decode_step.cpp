@@ -135,8 +135,8 @@ const uint16_t *bits(const at::Tensor &t) {
 }
 
 // One projection of the weights list: y = x W^T (+ bias), W bf16, int8 with per-row scales, or int4
-// with per-group scales and zeros (glm4's layout, see int4.h; on AMX tiles one pass over W for up
-// to 16 rows of x, else one per row for 1 or 2 rows, or W dequantized a tile at a time for more).
+// with per-group scales and zeros (glm4's layout, see int4.h; one pass over W for up to 16 rows of
+// x on AMX tiles, else for up to 4).
 struct Projection {
     enum Kind { BF16, INT8, INT4 } kind = BF16;
     const void *weight = nullptr;
@@ -163,10 +163,11 @@ Projection projection(const at::Tensor *t, int64_t N, int64_t K, const char *nam
     TORCH_CHECK(s.numel() == 0 || s.scalar_type() == at::kBFloat16, "glm4::decode_step: ", name, ": bf16 scales");
     if (w.scalar_type() == at::kByte) {  // int4, two columns a byte
         const int64_t group = s.dim() == 3 && s.size(1) > 0 ? K / s.size(1) : 0;
-        TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) * 2 == K && group > 0 && group % 64 == 0 &&
-                        s.size(1) * group == K && s.size(0) == N && s.size(2) == 2,
+        TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) * 2 == K &&
+                        (group == 64 || (group > 0 && group % 128 == 0)) && s.size(1) * group == K &&
+                        s.size(0) == N && s.size(2) == 2,
                     "glm4::decode_step: ", name, " must be an int4 weight (", N, ", ", K / 2,
-                    ") with scales and zeros (", N, ", K / group, 2), groups of a multiple of 64");
+                    ") with scales and zeros (", N, ", K / group, 2), groups of 64 or a multiple of 128");
         return Projection{Projection::INT4, w.const_data_ptr(), bits(s), bits(b), N, K, group};
     }
     const bool int8 = w.scalar_type() == at::kChar;
@@ -185,8 +186,7 @@ Projection projection(const at::Tensor *t, int64_t N, int64_t K, const char *nam
 // weights: as PER_LAYER above; keys and values: the cache, (C, H_kv, max_length, D) per layer,
 // written in place, whose batch row rows[b] is row b's (rows None: C = B and row b); inv_freq
 // (R / 2) float32 and rope_scale: the rotary frequencies and cos/sin factor. Returns float32
-// logits (B, vocab). A row's numbers do not depend on the other rows, nor on how many there are
-// (int4 weights without AMX tiles: the same among 1 or 2 rows, or among 3 or more; see int4.h).
+// logits (B, vocab). A row's numbers do not depend on the other rows, nor on how many there are.
 at::Tensor decode_step(const at::Tensor &tokens, const at::Tensor &positions, const at::Tensor &mask,
                        const at::Tensor &cache_position, at::TensorList weights, at::TensorList keys,
                        at::TensorList values, const at::Tensor &inv_freq, double rope_scale, double eps,

@@ -23,71 +23,117 @@
 namespace {
 
 #ifdef GLM4_INT4_KERNEL
-// The products of up to 16 groups of a weight row with x, C of them (a compile-time count, so that
-// the 16 sums stay in registers), as one vector: lane i is group i's (128 + q) . x, see int4_rows.
-template <int C>
-inline __m512 int4_groups(const uint16_t *xp, const uint8_t *wr, int64_t col, int64_t blocks) {
+// The 128 columns from c of a weight row (64 bytes at p, two columns a byte, low nibble first; the
+// first 32 bytes alone where only 64 columns are left) as four vectors of 32 bf16: n[t] lane l holds
+// column c + 4 l + t as the bf16 of 128 + q. A nibble q becomes 128 + q by setting the exponent bits
+// of 128 above it, a bitwise op where a table lookup is a shuffle: each 16-bit lane holds the four
+// nibbles of columns 4 l .. 4 l + 3, shifted down in turn.
+inline void int4_unpack128(const uint8_t *p, bool half, __m512bh *n) {
     const __m512i nibble = _mm512_set1_epi16(0x0F), exponent = _mm512_set1_epi16(0x4300);  // bf16 128
-    __m512 parts[16];
-    for (int i = 0; i < 16; i++) parts[i] = _mm512_setzero_ps();
-    for (int i = 0; i < C; i++)
-        for (int64_t b = 0; b < blocks; b++, col += 64) {
-            prefetch_ahead(wr + col / 2);
-            __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wr + col / 2)));
-            __m512i low = _mm512_ternarylogic_epi32(bytes, nibble, exponent, 0xEA);  // (b & 0x0F) | 0x4300
-            __m512i high = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), exponent);
-            parts[i] = _mm512_dpbf16_ps(parts[i], (__m512bh)low, (__m512bh)_mm512_loadu_si512(xp + col));
-            parts[i] = _mm512_dpbf16_ps(parts[i], (__m512bh)high, (__m512bh)_mm512_loadu_si512(xp + col + 32));
-        }
-    return reduce16(parts);
+    const __m512i v = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, p) : _mm512_loadu_si512(p);
+    n[0] = (__m512bh)_mm512_ternarylogic_epi32(v, nibble, exponent, 0xEA);  // (v & 0x0F) | 0x4300
+    n[1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nibble, exponent, 0xEA);
+    n[2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nibble, exponent, 0xEA);
+#ifdef __AVX512VBMI2__
+    n[3] = (__m512bh)_mm512_shldi_epi16(_mm512_set1_epi16(0x0430), v, 4);  // 0x4300 | v >> 12, one op
+#else
+    n[3] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 12), exponent);
+#endif
 }
 
-// xp: x reordered per 64 columns as [the 32 even columns, the 32 odd ones], to meet the low and the
-// high nibbles of 32 bytes. sums: x summed over each group (for the zeros).
+// y[m, r[j]] = x[m] . w[r[j]] for M rows of x and NB weight rows (wr[j], their (scale, zero) pairs
+// pairs[j]). xp holds the M rows, Kp columns each (K rounded up to 128, zeros past K), reordered per
+// 128 columns as int4_unpack128 unpacks the weight: the columns 4 l, then 4 l + 1, 4 l + 2, 4 l + 3.
+// sums: each row's sum of x per group, [m][group].
 //
-// A nibble q becomes the bf16 of 128 + q by setting the exponent bits of 128 above it, one bitwise
-// op where a table lookup is a shuffle; then sum (q - 8) x = sum (128 + q) x - 136 sum x, and the
-// 136 joins the zero's term. The groups' scales and zeros are applied 16 groups at a time, as
-// vectors: per group, scalar work cost as much as the unpacking and the products.
-void int4_rows(const uint16_t *xp, const float *sums, const uint8_t *w, const uint16_t *sz, uint16_t *y,
-               int64_t K, int64_t group, int64_t n0, int64_t n1) {
-    const int64_t groups = K / group, blocks = group / 64;
+// sum (q - 8) x = sum (128 + q) x - 136 sum x, and the 136 joins the zero's term. Each weight row's
+// nibbles are unpacked once for the M rows. Per row of x and weight row, a group's products add into
+// one vector, which times the group's scale adds into the row's total (groups of 64: the products'
+// lanes 0-7 are one group's, 8-15 the next one's, scaled as such); the zeros' terms add in 16 groups
+// at a time, as vectors. Each output takes the same operations in the same order whatever M and NB:
+// a row's numbers are the same alone or among others.
+template <int M, int NB>
+inline void int4_tile(const uint16_t *xp, const float *sums, const uint8_t *const *wr, const uint32_t *const *pairs,
+                      uint16_t *y, int64_t K, int64_t N, int64_t group, const int64_t *r) {
     const __m512i high_half = _mm512_set1_epi32((int)0xFFFF0000u);
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *wr = w + n * (K / 2);
-        const uint32_t *pairs = reinterpret_cast<const uint32_t *>(sz) + n * groups;  // (scale, zero) bf16
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t g = 0; g < groups; g += 16) {
-            const int64_t count = std::min<int64_t>(16, groups - g), col = g * group;
-            __m512 dots;  // a switch, so each count inlines (through a table of pointers: 1.5x slower)
-            switch (count) {
-                case 16: dots = int4_groups<16>(xp, wr, col, blocks); break;
-                case 15: dots = int4_groups<15>(xp, wr, col, blocks); break;
-                case 14: dots = int4_groups<14>(xp, wr, col, blocks); break;
-                case 13: dots = int4_groups<13>(xp, wr, col, blocks); break;
-                case 12: dots = int4_groups<12>(xp, wr, col, blocks); break;
-                case 11: dots = int4_groups<11>(xp, wr, col, blocks); break;
-                case 10: dots = int4_groups<10>(xp, wr, col, blocks); break;
-                case 9: dots = int4_groups<9>(xp, wr, col, blocks); break;
-                case 8: dots = int4_groups<8>(xp, wr, col, blocks); break;
-                case 7: dots = int4_groups<7>(xp, wr, col, blocks); break;
-                case 6: dots = int4_groups<6>(xp, wr, col, blocks); break;
-                case 5: dots = int4_groups<5>(xp, wr, col, blocks); break;
-                case 4: dots = int4_groups<4>(xp, wr, col, blocks); break;
-                case 3: dots = int4_groups<3>(xp, wr, col, blocks); break;
-                case 2: dots = int4_groups<2>(xp, wr, col, blocks); break;
-                default: dots = int4_groups<1>(xp, wr, col, blocks); break;
-            }
-            const __mmask16 m = first(count);
-            const __m512i sz16 = _mm512_maskz_loadu_epi32(m, pairs + g);
-            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz16, 16));
+    const __m512i two_groups = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const int64_t groups = K / group, Kp = (K + 127) / 128 * 128, per_fold = std::max<int64_t>(1, group / 128);
+    __m512 total[16];
+    for (int i = 0; i < 16; i++) total[i] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+        const int64_t count = std::min<int64_t>(16, groups - g0);
+        const __mmask16 in = first(count);
+        __m512 scale[NB];
+        for (int j = 0; j < NB; j++) {
+            const __m512i sz16 = _mm512_maskz_loadu_epi32(in, pairs[j] + g0);
+            scale[j] = _mm512_castsi512_ps(_mm512_slli_epi32(sz16, 16));
             const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(sz16, high_half));
-            acc = _mm512_fmadd_ps(dots, scale, acc);
-            // + (zero - 136 scale) * sum x, over the group
-            const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), scale, zero);
-            acc = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(m, sums + g), acc);
+            const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), scale[j], zero);  // zero - 136 scale
+            for (int m = 0; m < M; m++)
+                total[m * NB + j] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(in, sums + m * groups + g0),
+                                                    total[m * NB + j]);
         }
-        y[n] = float_to_bf16(_mm512_reduce_add_ps(acc));
+        const int64_t c1 = (g0 + count) * group;
+        // the chunk's group at each fold's first column: groups of 64 take 2 a fold (a block).
+        for (int64_t c = g0 * group, first_group = 0; c < c1; first_group += group == 64 ? 2 : 1) {
+            const int64_t fold_end = std::min(c + per_fold * 128, c1);
+            __m512 acc[M * NB];
+            for (int a = 0; a < M * NB; a++) acc[a] = _mm512_setzero_ps();
+            for (; c < fold_end; c += 128) {
+                __m512bh n[NB][4];
+                for (int j = 0; j < NB; j++) {
+                    prefetch_ahead(wr[j] + c / 2);
+                    int4_unpack128(wr[j] + c / 2, c + 64 == K, n[j]);
+                }
+                for (int m = 0; m < M; m++)
+                    for (int t = 0; t < 4; t++) {
+                        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + m * Kp + c + 32 * t);
+                        for (int j = 0; j < NB; j++) acc[m * NB + j] = _mm512_dpbf16_ps(acc[m * NB + j], n[j][t], xv);
+                    }
+            }
+            // The scale of each product lane's group: groups of 64 split a block, larger ones span blocks.
+            const __m512i lanes = group == 64 ? _mm512_add_epi32(two_groups, _mm512_set1_epi32((int)first_group))
+                                              : _mm512_set1_epi32((int)first_group);
+            for (int j = 0; j < NB; j++) {
+                const __m512 s = _mm512_permutexvar_ps(lanes, scale[j]);
+                for (int m = 0; m < M; m++) total[m * NB + j] = _mm512_fmadd_ps(acc[m * NB + j], s, total[m * NB + j]);
+            }
+        }
+    }
+    alignas(64) float out[16];
+    _mm512_store_ps(out, reduce16(total));
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < NB; j++) y[m * N + r[j]] = float_to_bf16(out[m * NB + j]);
+}
+
+// Rows of x per pass of int4_tile over a tile's weight rows, so that its accumulators stay in
+// registers. Each pass unpacks the weight rows again: on the AMD development machine (2 threads, the
+// bench's lm_head streamed from memory), unpacking them once into a buffer that the passes read took
+// 1.0-1.3x the time at 8-32 rows, and passes of 8 rows 1.1-1.2x.
+constexpr int64_t INT4_PASS_ROWS = 4;
+
+// int4_tile's passes over M rows of x (any number), for one tile of for_each_tile: weight rows r
+// (2 or 1).
+inline void int4_tile_rows(const uint16_t *xp, const float *sums, const uint8_t *w, const uint16_t *sz, uint16_t *y,
+                           int64_t M, int64_t K, int64_t N, int64_t group, const int64_t *r, int rows) {
+    const int64_t groups = K / group, Kp = (K + 127) / 128 * 128;
+    const uint8_t *wr[2] = {w + r[0] * (K / 2), w + r[rows - 1] * (K / 2)};
+    const uint32_t *pairs[2] = {reinterpret_cast<const uint32_t *>(sz) + r[0] * groups,
+                                reinterpret_cast<const uint32_t *>(sz) + r[rows - 1] * groups};
+    for (int64_t m0 = 0; m0 < M; m0 += INT4_PASS_ROWS) {
+        const uint16_t *xm = xp + m0 * Kp;
+        const float *sm = sums + m0 * groups;
+        uint16_t *ym = y + m0 * N;
+        switch (std::min<int64_t>(INT4_PASS_ROWS, M - m0) * 2 + (rows - 1)) {  // (rows of x, weight rows)
+            case 2: int4_tile<1, 1>(xm, sm, wr, pairs, ym, K, N, group, r); break;
+            case 3: int4_tile<1, 2>(xm, sm, wr, pairs, ym, K, N, group, r); break;
+            case 4: int4_tile<2, 1>(xm, sm, wr, pairs, ym, K, N, group, r); break;
+            case 5: int4_tile<2, 2>(xm, sm, wr, pairs, ym, K, N, group, r); break;
+            case 6: int4_tile<3, 1>(xm, sm, wr, pairs, ym, K, N, group, r); break;
+            case 7: int4_tile<3, 2>(xm, sm, wr, pairs, ym, K, N, group, r); break;
+            case 8: int4_tile<4, 1>(xm, sm, wr, pairs, ym, K, N, group, r); break;
+            default: int4_tile<4, 2>(xm, sm, wr, pairs, ym, K, N, group, r); break;
+        }
     }
 }
 
@@ -136,16 +182,17 @@ inline void int4_amx_group(uint16_t (*a)[2][16 * 32], const uint8_t *w, const ch
 // Rows of x that int4_amx_rows takes in one pass over the weight (one column of tiles B and C each).
 constexpr int64_t INT4_AMX_ROWS = 16;
 
-// int4_rows on AMX tiles for R rows of x (1 to INT4_AMX_ROWS) at once, for the blocks of 16 weight
-// rows r0..r1: per group, one tile op per 32 columns multiplies the 16 weight rows' unpacked
+// The int4 product on AMX tiles for R rows of x (1 to INT4_AMX_ROWS) at once, for the blocks of 16
+// weight rows r0..r1, with nibbles turned into bf16 128 + q as int4_unpack128 does: per group, one tile op per 32 columns multiplies the 16 weight rows' unpacked
 // nibbles (tile A, from a buffer the next block is unpacked into meanwhile) with the R rows' column
 // pairs (tile B, R columns; xb from int4_operand, as int4_amx_group takes it),
 // adding into a float32 tile of 16 weight rows x R that is then scaled, per row of x, as a vector
 // of the 16 weight rows' scales and zeros; sums holds each row's sum of x per group, [group][R].
 // Each output takes the same operations in the same order whatever R: a row's numbers are the same
 // alone or among others. On the Intel development machine, one row, one thread, weights streamed
-// from memory: 1.24x int4_rows on the bench's gate_up, 1.22x on its down_proj, 1.17x on its lm_head
-// (1.4x with the weights in cache); 16 rows take 2.4x the time of one.
+// from memory: 1.24x the vector path of the time (a pass per row, before int4_tile) on the bench's
+// gate_up, 1.22x on its down_proj, 1.17x on its lm_head (1.4x with the weights in cache); 16 rows
+// take 2.4x the time of one.
 void int4_amx_rows(const char *xb, const float *sums, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t K,
                    int64_t group, int64_t N, int64_t R, int64_t r0, int64_t r1) {
     const int64_t groups = K / group, per_group = group / 64;
@@ -186,9 +233,9 @@ void int4_amx_rows(const char *xb, const float *sums, const uint8_t *w, const ui
 }
 #endif
 
-// x's R rows (K columns each) as the kernels take them: xb per 64 columns the pairs of even
-// columns, then of odd ones, 16 pairs each, R rows a pair (one row: int4_rows' xp, as bf16), and
-// sums each row's sum of x per group, [group][R].
+// x's R rows (K columns each) as int4_amx_rows takes them: xb per 64 columns the pairs of even
+// columns, then of odd ones, 16 pairs each, R rows a pair, and sums each row's sum of x per group,
+// [group][R].
 inline void int4_operand(const uint16_t *xs, int64_t R, int64_t K, int64_t group, std::vector<uint32_t> &xb,
                          std::vector<float> &sums) {
     xb.resize(K / 2 * R);
@@ -201,6 +248,24 @@ inline void int4_operand(const uint16_t *xs, int64_t R, int64_t K, int64_t group
                 xb[(c / 2 + 16 + p) * R + m] = x[c + 4 * p + 1] | (uint32_t)x[c + 4 * p + 3] << 16;  // odd
             }
         for (int64_t k = 0; k < K; k++) sums[k / group * R + m] += bf16_to_float(x[k]);
+    }
+}
+
+// x's M rows (K columns each) as int4_tile takes them: xp, Kp columns a row (K rounded up to 128,
+// zeros past K), per 128 columns c the columns c + 4 l, then c + 4 l + 1, c + 4 l + 2, c + 4 l + 3
+// (l = 0..31); sums each row's sum of x per group, [m][group].
+inline void int4_vector_operand(const uint16_t *xs, int64_t M, int64_t K, int64_t group, std::vector<uint16_t> &xp,
+                                std::vector<float> &sums) {
+    const int64_t Kp = (K + 127) / 128 * 128;
+    xp.assign(M * Kp, 0);
+    sums.assign(M * (K / group), 0.0f);
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *x = xs + m * K;
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t c = k / 128 * 128, l = (k - c) / 4, t = k % 4;
+            xp[m * Kp + c + 32 * t + l] = x[k];
+            sums[m * (K / group) + k / group] += bf16_to_float(x[k]);
+        }
     }
 }
 
@@ -230,24 +295,17 @@ inline void int4_dequantize_row(const uint8_t *w, const uint16_t *sz, int64_t n,
     }
 }
 
-// Rows of x from which the vector path dequantizes each tile of the weight to bf16 once for all of
-// them (widened_rows) instead of a pass of int4_rows per row. Measured on the AMD development
-// machine (2 threads, the bench model's weights streamed from memory), against a pass per row:
-// 0.75-0.85x at 2 rows, 1.3-1.8x at 4, 2-2.2x at 8 and 3.3-3.6x at 32.
-constexpr int64_t INT4_WIDENED_ROWS = 3;
-
 // y (M, N) = M rows of x (M, K) times the int4 weight w (N, K/2) with scales and zeros sz (N,
-// K/group, 2), on every thread: on AMX tiles (where the CPU has them and they are on, see amx.h) up
-// to INT4_AMX_ROWS rows in one pass over the weight, else one pass per row, or from
-// INT4_WIDENED_ROWS rows the weight dequantized a tile at a time. A row's numbers are the same alone
-// or among others on the tiles; on the vector path, among fewer than INT4_WIDENED_ROWS rows, or
-// among at least as many.
+// K/group, 2; group 64 or a multiple of 128), on every thread: on AMX tiles (where the CPU has them
+// and they are on, see amx.h) up to INT4_AMX_ROWS rows in one pass over the weight, else
+// INT4_PASS_ROWS rows a pass (int4_tile). Either way a row's numbers are the same alone or among
+// others (though the two ways' numbers differ).
 inline void int4_linear_rows(const uint16_t *xs, const uint8_t *w, const uint16_t *sz, uint16_t *out, int64_t M,
                              int64_t K, int64_t N, int64_t group) {
-    std::vector<uint32_t> xb;
     std::vector<float> sums;
 #ifdef GLM4_AMX_KERNEL
     if (glm4_amx::on()) {
+        std::vector<uint32_t> xb;
         for (int64_t m0 = 0; m0 < M; m0 += INT4_AMX_ROWS) {
             const int64_t R = std::min<int64_t>(INT4_AMX_ROWS, M - m0);
             int4_operand(xs + m0 * K, R, K, group, xb, sums);
@@ -259,16 +317,11 @@ inline void int4_linear_rows(const uint16_t *xs, const uint8_t *w, const uint16_
         return;
     }
 #endif
-    if (M >= INT4_WIDENED_ROWS)
-        return widened_rows(xs, out, M, K, N, [&](const int64_t *r, int rows, uint16_t *buffer) {
-            for (int i = 0; i < rows; i++) int4_dequantize_row(w, sz, r[i], K, group, buffer + i * K);
-        });
-    for (int64_t m = 0; m < M; m++) {
-        int4_operand(xs + m * K, 1, K, group, xb, sums);
-        at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-            int4_rows(reinterpret_cast<const uint16_t *>(xb.data()), sums.data(), w, sz, out + m * N, K, group, n0, n1);
-        });
-    }
+    std::vector<uint16_t> xp;
+    int4_vector_operand(xs, M, K, group, xp, sums);
+    for_each_tile(N, [&](const int64_t *r, int rows) {
+        int4_tile_rows(xp.data(), sums.data(), w, sz, out, M, K, N, group, r, rows);
+    });
 }
 
 #endif  // GLM4_INT4_KERNEL

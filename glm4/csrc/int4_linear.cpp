@@ -3,12 +3,12 @@
 // w = (q - 8) * scale + zero.
 //
 // Batch-1 decoding reads every weight once per token. torch's CPU int4 kernel spends more time
-// unpacking than the memory takes to deliver the bytes; this one turns 64 nibbles into bf16 with
-// two bitwise ops (each q becomes 128 + q, see int4.h) and multiplies them with vdpbf16ps:
+// unpacking than the memory takes to deliver the bytes; this one turns 128 nibbles into bf16 with
+// seven bitwise ops (each q becomes 128 + q, see int4.h) and multiplies them with vdpbf16ps:
 //   y[n] = sum_g scale[n,g] * sum_{k in g} (q[n,k] - 8) x[k]  +  sum_g zero[n,g] * sum_{k in g} x[k].
-// Products of bf16 are exact and summed in float32; on a CPU with AMX tiles the products run on them
-// (int4.h: int4_amx_rows), where up to 16 rows share one pass over the weight; elsewhere 3 rows or
-// more dequantize each tile of the weight to bf16 once for all of them.
+// Products of bf16 are exact and summed in float32, up to 4 rows of x on the nibbles of two weight
+// rows unpacked once (int4.h: int4_tile); on a CPU with AMX tiles the products run on them
+// (int4_amx_rows), where up to 16 rows share one pass over the weight.
 // Needs AVX-512BW and AVX-512 BF16; built without
 // them it only says so (glm4_int4_linear_supported() returns 0), and glm4 keeps torch's kernel.
 
@@ -34,7 +34,8 @@ at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &weight, const at::
                     weight.scalar_type() == at::kByte,
                 "glm4::int4_linear takes bfloat16 x and scales, uint8 weight");
     const int64_t M = x.numel() / K;
-    TORCH_CHECK(group % 64 == 0 && K % group == 0, "glm4::int4_linear has no kernel for group size ", group);
+    TORCH_CHECK((group == 64 || group % 128 == 0) && K % group == 0, "glm4::int4_linear has no kernel for group size ",
+                group);
     TORCH_CHECK(weight.dim() == 2 && weight.size(1) * 2 == K && scales_and_zeros.numel() == N * (K / group) * 2,
                 "glm4::int4_linear: weight (N, K/2) and scales_and_zeros (N, K/group, 2)");
     at::Tensor xc = x.contiguous(), wc = weight.contiguous(), szc = scales_and_zeros.contiguous();

@@ -211,19 +211,6 @@ inline void linear_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int64
     });
 }
 
-// linear_rows' vector path for a weight stored otherwise (int4), each tile's weight rows widened to
-// bf16 first by widen(r, rows, buffer) into `rows` rows of K, then multiplied as linear_rows does.
-// For many rows of x, where the widening, once per tile for all of them, costs less than the products.
-template <typename Widen>
-inline void widened_rows(const uint16_t *x, uint16_t *y, int64_t M, int64_t K, int64_t N, const Widen &widen) {
-    for_each_tile(N, [&](const int64_t *r, int rows) {
-        thread_local std::vector<uint16_t> kept;
-        kept.resize(2 * K);
-        widen(r, rows, kept.data());
-        tile_times(x, Bf16Rows{{kept.data(), kept.data() + K}}, rows, y, M, K, N, r);
-    });
-}
-
 #endif  // GLM4_BF16_LINEAR_KERNEL
 
 }  // namespace
