@@ -216,7 +216,8 @@ def can_int4_dequantize(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def int4_group_fits(group_size: int) -> bool:
     """Whether `int4_linear` and `decode_step` take int4 groups of this many columns: 64, or a
-    multiple of 128 (the kernel unpacks 128 columns at a time, two groups of 64 or part of one)."""
+    multiple of 128 (the kernel unpacks 128 columns at a time, two groups of 64 or part of one; as
+    `int4_group_fits` in glm4/csrc/int4.h)."""
     return group_size == 64 or (group_size > 0 and group_size % 128 == 0)
 
 

@@ -302,6 +302,14 @@ def test_int4_layers_take_the_kernel_by_rows(kernel_path, monkeypatch):
         assert torch.equal(ours, alone)
     assert not kernels.can_int4(torch.randn(1, 128).bfloat16(), 32)  # groups of 32: torch's kernel
     assert not kernels.can_int4(torch.randn(1, 384).bfloat16(), 192)  # neither 64 nor a multiple of 128
+    for group in (192, 0):  # the op itself refuses them too (0 before dividing by it)
+        with pytest.raises(RuntimeError, match="no kernel for group size"):
+            torch.ops.glm4.int4_linear(
+                torch.randn(1, 384).bfloat16(),
+                layer.weight.new_zeros(64, 192),
+                torch.zeros(64, 2, 2).bfloat16(),
+                group,
+            )
     assert not kernels.can_int4(torch.randn(1, 128), 64)  # float32
 
 

@@ -163,9 +163,8 @@ Projection projection(const at::Tensor *t, int64_t N, int64_t K, const char *nam
     TORCH_CHECK(s.numel() == 0 || s.scalar_type() == at::kBFloat16, "glm4::decode_step: ", name, ": bf16 scales");
     if (w.scalar_type() == at::kByte) {  // int4, two columns a byte
         const int64_t group = s.dim() == 3 && s.size(1) > 0 ? K / s.size(1) : 0;
-        TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) * 2 == K &&
-                        (group == 64 || (group > 0 && group % 128 == 0)) && s.size(1) * group == K &&
-                        s.size(0) == N && s.size(2) == 2,
+        TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) * 2 == K && int4_group_fits(group) &&
+                        s.size(1) * group == K && s.size(0) == N && s.size(2) == 2,
                     "glm4::decode_step: ", name, " must be an int4 weight (", N, ", ", K / 2,
                     ") with scales and zeros (", N, ", K / group, 2), groups of 64 or a multiple of 128");
         return Projection{Projection::INT4, w.const_data_ptr(), bits(s), bits(b), N, K, group};

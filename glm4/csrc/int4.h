@@ -22,7 +22,14 @@
 
 namespace {
 
+// The group sizes the int4 kernels take (kernels.int4_group_fits): 64, two groups to int4_tile's
+// blocks of 128 columns, or a multiple of 128.
+inline bool int4_group_fits(int64_t group) { return group == 64 || (group > 0 && group % 128 == 0); }
+
 #ifdef GLM4_INT4_KERNEL
+// Columns a row of x takes in int4_tile's layout: K rounded up to its blocks of 128.
+inline int64_t int4_padded(int64_t K) { return (K + 127) / 128 * 128; }
+
 // The 128 columns from c of a weight row (64 bytes at p, two columns a byte, low nibble first; the
 // first 32 bytes alone where only 64 columns are left) as four vectors of 32 bf16: n[t] lane l holds
 // column c + 4 l + t as the bf16 of 128 + q. A nibble q becomes 128 + q by setting the exponent bits
@@ -57,7 +64,7 @@ inline void int4_tile(const uint16_t *xp, const float *sums, const uint8_t *cons
                       uint16_t *y, int64_t K, int64_t N, int64_t group, const int64_t *r) {
     const __m512i high_half = _mm512_set1_epi32((int)0xFFFF0000u);
     const __m512i two_groups = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    const int64_t groups = K / group, Kp = (K + 127) / 128 * 128, per_fold = std::max<int64_t>(1, group / 128);
+    const int64_t groups = K / group, Kp = int4_padded(K), per_fold = std::max<int64_t>(1, group / 128);
     // Sized M * NB, apart from reduce16's 16, so that they stay in registers: in memory, each block
     // waited on its store of them (1.1x the time of a row, one thread, the weight in cache).
     __m512 total[M * NB];
@@ -120,7 +127,7 @@ constexpr int64_t INT4_PASS_ROWS = 4;
 // (2 or 1).
 inline void int4_tile_rows(const uint16_t *xp, const float *sums, const uint8_t *w, const uint16_t *sz, uint16_t *y,
                            int64_t M, int64_t K, int64_t N, int64_t group, const int64_t *r, int rows) {
-    const int64_t groups = K / group, Kp = (K + 127) / 128 * 128;
+    const int64_t groups = K / group, Kp = int4_padded(K);
     const uint8_t *wr[2] = {w + r[0] * (K / 2), w + r[rows - 1] * (K / 2)};
     const uint32_t *pairs[2] = {reinterpret_cast<const uint32_t *>(sz) + r[0] * groups,
                                 reinterpret_cast<const uint32_t *>(sz) + r[rows - 1] * groups};
@@ -187,11 +194,12 @@ inline void int4_amx_group(uint16_t (*a)[2][16 * 32], const uint8_t *w, const ch
 constexpr int64_t INT4_AMX_ROWS = 16;
 
 // The int4 product on AMX tiles for R rows of x (1 to INT4_AMX_ROWS) at once, for the blocks of 16
-// weight rows r0..r1, with nibbles turned into bf16 128 + q as int4_unpack128 does: per group, one tile op per 32 columns multiplies the 16 weight rows' unpacked
-// nibbles (tile A, from a buffer the next block is unpacked into meanwhile) with the R rows' column
-// pairs (tile B, R columns; xb from int4_operand, as int4_amx_group takes it),
-// adding into a float32 tile of 16 weight rows x R that is then scaled, per row of x, as a vector
-// of the 16 weight rows' scales and zeros; sums holds each row's sum of x per group, [group][R].
+// weight rows r0..r1, with nibbles turned into bf16 128 + q as int4_unpack128 does: per group, one
+// tile op per 32 columns multiplies the 16 weight rows' unpacked nibbles (tile A, from a buffer the
+// next block is unpacked into meanwhile) with the R rows' column pairs (tile B, R columns; xb from
+// int4_operand, as int4_amx_group takes it), adding into a float32 tile of 16 weight rows x R that
+// is then scaled, per row of x, as a vector of the 16 weight rows' scales and zeros; sums holds each
+// row's sum of x per group, [group][R].
 // Each output takes the same operations in the same order whatever R: a row's numbers are the same
 // alone or among others. On the Intel development machine, one row, one thread, weights streamed
 // from memory: 1.24x the vector path of the time (a pass per row, before int4_tile) on the bench's
@@ -260,7 +268,7 @@ inline void int4_operand(const uint16_t *xs, int64_t R, int64_t K, int64_t group
 // (l = 0..31); sums each row's sum of x per group, [m][group].
 inline void int4_vector_operand(const uint16_t *xs, int64_t M, int64_t K, int64_t group, std::vector<uint16_t> &xp,
                                 std::vector<float> &sums) {
-    const int64_t Kp = (K + 127) / 128 * 128;
+    const int64_t Kp = int4_padded(K);
     xp.assign(M * Kp, 0);
     sums.assign(M * (K / group), 0.0f);
     for (int64_t m = 0; m < M; m++) {

@@ -34,8 +34,7 @@ at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &weight, const at::
                     weight.scalar_type() == at::kByte,
                 "glm4::int4_linear takes bfloat16 x and scales, uint8 weight");
     const int64_t M = x.numel() / K;
-    TORCH_CHECK((group == 64 || group % 128 == 0) && K % group == 0, "glm4::int4_linear has no kernel for group size ",
-                group);
+    TORCH_CHECK(int4_group_fits(group) && K % group == 0, "glm4::int4_linear has no kernel for group size ", group);
     TORCH_CHECK(weight.dim() == 2 && weight.size(1) * 2 == K && scales_and_zeros.numel() == N * (K / group) * 2,
                 "glm4::int4_linear: weight (N, K/2) and scales_and_zeros (N, K/group, 2)");
     at::Tensor xc = x.contiguous(), wc = weight.contiguous(), szc = scales_and_zeros.contiguous();
