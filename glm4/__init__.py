@@ -2,12 +2,8 @@
 
 from glm4.cache import DynamicCache, KVCache
 from glm4.config import Glm4Config
-from glm4.modeling import (
-    Glm4ForCausalLM,
-    Glm4ForSequenceClassification,
-    Glm4ForTokenClassification,
-    Glm4Model,
-)
+from glm4.heads import Glm4ForSequenceClassification, Glm4ForTokenClassification
+from glm4.modeling import Glm4ForCausalLM, Glm4Model
 
 __version__ = "0.1.0"
 

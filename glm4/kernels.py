@@ -4,10 +4,10 @@
   The library path (float copies of the cache and two small matmuls, or SDPA) costs several times
   the arithmetic: about 300 us a layer at 3,000 cached positions on the benchmark model, against
   100 here. Long Z1 answers decode over thousands of positions, so that grows with every token.
-- `int4_linear` (csrc/int4_linear.cpp): one row times a group-wise int4 weight in glm4's stored
-  layout, unpacked with bitwise ops and multiplied in bf16 pairs, where torch's CPU int4 kernel
-  is bound by its unpacking rather than by memory; on AMX tiles where the CPU has them, and there
-  up to 16 rows in one pass. `int4_dequantize`: the weight as bf16, for prefill's matmuls.
+- `int4_linear` (csrc/int4_linear.cpp, int4.h): up to 32 rows times a group-wise int4 weight in
+  glm4's stored layout, unpacked with bitwise ops and multiplied in bf16 pairs (4 rows to a pass,
+  or 16 on AMX tiles where the CPU has them), where torch's CPU int4 kernel is bound by its
+  unpacking rather than by memory. `int4_dequantize`: the weight as bf16, for prefill's matmuls.
 - `int8_linear` (csrc/int8_linear.cpp, int8.h): a few rows of bf16 times glm4's int8 weight with
   its per-row scales, widening the weight for float32 FMAs, or on AMX-INT8 tiles with x split
   exactly into 8-bit digits; torch's int8 kernel is 2-4x slower at 1 to 32 rows.

@@ -1,7 +1,10 @@
 """The projections: nn.Linear with fast CPU paths for decoding (glm4's bf16 kernel, a fused
-multiply-reduce under torch.compile, oneDNN's prepacked weight), the same numbers as nn.Linear."""
+multiply-reduce under torch.compile, oneDNN's prepacked weight), the same numbers as nn.Linear;
+and several projections' weights held as row blocks of one matrix (attention's fused q, k, v)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -52,11 +55,11 @@ def kernel_rows(in_features: int, packed: bool) -> int:
 # or dequantized to bf16 once, into the library's bf16 matmul). On AMX tiles, 16 rows to a pass (on
 # the benchmark's gate_up weight, Intel Xeon, 2 threads: int4 against torch's int4 kernel 1.2x at 1
 # row, 2.2x at 8, 3.2x at 16; int8 against torch's `_weight_int8pack_mm` 2.2x at 1 row, 4.4x at 8,
-# 5.6x at 32). On the vector path int8 widens the weight to bf16 in registers, 8 rows to a pass;
-# int4 takes a pass per row up to 2 rows and from 3 dequantizes each tile of the weight to bf16 once
-# for all of them (int8.h, int4.h). At 32 rows either is 1.1-1.6x the widened weight's library
-# matmul on the gate_up weight and 3x on the lm_head (AMD EPYC, 2 threads); at 64 rows the matmul
-# catches up on weights that fit the cache.
+# 5.6x at 32). On the vector path int8 widens the weight to bf16 in registers, 8 rows to a pass,
+# and int4 unpacks it there, 4 rows to a pass, the same operations for a row whatever the batch
+# (int8.h, int4.h). At 32 rows int8 is 1.1-1.6x the widened weight's library matmul on the gate_up
+# weight and 3x on the lm_head (AMD EPYC, 2 threads); at 64 rows the matmul catches up on weights
+# that fit the cache.
 QUANTIZED_KERNEL_ROWS = 32
 
 
@@ -122,3 +125,55 @@ class Linear(nn.Linear):
 
     def unpack(self) -> None:
         self.packed = self._packed_from = None
+
+
+# -- projections as row blocks of one matrix ------------------------------------------------------
+
+FusedRows = tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias or None)
+
+
+def fuse_rows(linears: Sequence[nn.Module]) -> FusedRows | None:
+    """Make the projections' weights (and biases) row blocks of one new matrix, and their
+    parameters views into it: no memory is added, and in-place changes (an optimizer step,
+    `load_state_dict`) reach it. None where one is not a plain `Linear` (quantized, or replaced
+    for tensor parallelism). All have a bias or none has."""
+    if not all(type(p) is Linear for p in linears):
+        return None
+    weight = torch.cat([p.weight.detach() for p in linears])
+    bias = torch.cat([p.bias.detach() for p in linears]) if linears[0].bias is not None else None
+    rows = 0
+    for p in linears:
+        p.weight.data = weight[rows : rows + p.out_features]
+        if bias is not None:
+            p.bias.data = bias[rows : rows + p.out_features]
+        rows += p.out_features
+    if weight.device.type != "cpu":  # a CUDA graph reads it in place, as the parameters
+        torch._dynamo.mark_static_address(weight)
+        if bias is not None:
+            torch._dynamo.mark_static_address(bias)
+    return weight, bias
+
+
+def rows_are_fused(linears: Sequence[nn.Module], fused: FusedRows | None) -> bool:
+    """Whether the projections' parameters are still the row blocks of `fused`."""
+    if fused is None or not all(type(p) is Linear for p in linears):
+        return False
+    weight, bias = fused
+    if (bias is None) != (linears[0].bias is None):
+        return False
+    rows = 0
+    for p in linears:
+        if p.weight.data_ptr() != weight[rows].data_ptr() or p.weight.dtype != weight.dtype:
+            return False
+        if bias is not None and p.bias.data_ptr() != bias[rows].data_ptr():
+            return False
+        rows += p.out_features
+    return True
+
+
+def unfuse_rows(linears: Sequence[nn.Module]) -> None:
+    """Give each projection parameters of its own again (copies of its row blocks)."""
+    for p in linears:
+        p.weight.data = p.weight.data.clone()
+        if p.bias is not None:
+            p.bias.data = p.bias.data.clone()

@@ -1,4 +1,4 @@
-"""The GLM-4-0414 architecture: norm -> rope (rope.py) -> attention -> MLP -> layer -> model -> heads.
+"""The GLM-4-0414 architecture: norm -> rope (rope.py) -> attention -> MLP -> layer -> model -> LM head.
 
 Module names are the checkpoint's tensor names (`model.layers.3.self_attn.q_proj`,
 `mlp.gate_up_proj`, `post_self_attn_layernorm`), so loading is a strict `load_state_dict`.
@@ -25,7 +25,7 @@ from glm4.cache import DynamicCache, KVCache
 from glm4.checkpoint import PretrainedMixin
 from glm4.config import Glm4Config
 from glm4.generation import GenerationMixin
-from glm4.linear import Linear, can_pack
+from glm4.linear import FusedRows, Linear, can_pack, fuse_rows, rows_are_fused, unfuse_rows
 from glm4.rope import Glm4RotaryEmbedding, apply_rotary
 
 # -- outputs: the transformers field names -----------------------------------------------------
@@ -49,7 +49,7 @@ class HeadOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-CausalLMOutput = SequenceClassifierOutput = TokenClassifierOutput = HeadOutput
+CausalLMOutput = HeadOutput
 
 
 # -- norm ----------------------------------------------------------------------------------------
@@ -88,62 +88,28 @@ class Glm4Attention(nn.Module):
         self.o_proj = Linear(heads * self.head_dim, hidden, bias=False)
 
     # q, k and v's weights (and biases) as row blocks of one matrix, or None: see `fuse_qkv`.
-    qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    qkv: FusedRows | None = None
 
     def _projections(self) -> tuple[Linear, Linear, Linear]:
         return self.q_proj, self.k_proj, self.v_proj
 
     def qkv_is_current(self) -> bool:
         """Whether the fused matrix still holds the three projections' parameters."""
-        if self.qkv is None or not all(type(p) is Linear for p in self._projections()):
-            return False
-        weight, bias = self.qkv
-        if (bias is None) != (self.q_proj.bias is None):
-            return False
-        rows = 0
-        for p in self._projections():
-            if p.weight.data_ptr() != weight[rows].data_ptr() or p.weight.dtype != weight.dtype:
-                return False
-            if bias is not None and p.bias.data_ptr() != bias[rows].data_ptr():
-                return False
-            rows += p.out_features
-        return True
+        return rows_are_fused(self._projections(), self.qkv)
 
     def fuse_qkv(self) -> bool:
-        """Keep q, k and v's weights and biases as row blocks of one matrix, which a forward
-        without autograd multiplies in one product (one kernel for three; a candidate for the CUDA
-        step). The three parameters become views into it: no memory is added, and in-place changes
-        (an optimizer step, `load_state_dict`) reach it; `.to()` keeps it. Returns whether it
-        applies: not to quantized (or tensor-parallel replaced) projections."""
-        if self.qkv_is_current():
-            return True
-        self.qkv = None
-        if not all(type(p) is Linear for p in self._projections()):
-            return False
-        weight = torch.cat([p.weight.detach() for p in self._projections()])
-        bias = None  # all three have one (attention_bias), or none has
-        if self.q_proj.bias is not None:
-            bias = torch.cat([p.bias.detach() for p in self._projections()])
-        rows = 0
-        for p in self._projections():
-            p.weight.data = weight[rows : rows + p.out_features]
-            if bias is not None:
-                p.bias.data = bias[rows : rows + p.out_features]
-            rows += p.out_features
-        if weight.device.type != "cpu":  # a CUDA graph reads it in place, as the parameters
-            torch._dynamo.mark_static_address(weight)
-            if bias is not None:
-                torch._dynamo.mark_static_address(bias)
-        self.qkv = (weight, bias)
-        return True
+        """Keep q, k and v's weights and biases as row blocks of one matrix (`fuse_rows`), which a
+        forward without autograd multiplies in one product (one kernel for three; a candidate for
+        the CUDA step). Returns whether it applies: not to quantized (or tensor-parallel replaced)
+        projections. A matrix still current is kept."""
+        if not self.qkv_is_current():
+            self.qkv = fuse_rows(self._projections())
+        return self.qkv is not None
 
     def unfuse_qkv(self) -> None:
         """Give the three projections parameters of their own again (copies) and drop the matrix."""
         if self.qkv_is_current():
-            for p in self._projections():
-                p.weight.data = p.weight.data.clone()
-                if p.bias is not None:
-                    p.bias.data = p.bias.data.clone()
+            unfuse_rows(self._projections())
         self.qkv = None
 
     def _apply(self, fn, recurse=True):
@@ -524,94 +490,7 @@ class Glm4ForCausalLM(Glm4PreTrainedModel, GenerationMixin):
         return self.lm_head(base.norm(x[:, -1])).float()
 
 
-class Glm4ForSequenceClassification(Glm4PreTrainedModel):
-    def __init__(self, config: Glm4Config) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Glm4Model(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        if self.score.weight.device.type != "meta":
-            nn.init.normal_(self.score.weight, std=config.initializer_range)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool = False,
-    ) -> SequenceClassifierOutput:
-        out = self.model(
-            input_ids,
-            attention_mask,
-            position_ids,
-            past_key_values,
-            inputs_embeds,
-            use_cache,
-            output_hidden_states,
-        )
-        logits = self.score(out.last_hidden_state)
-        B = logits.shape[0]
-        pad = self.config.pad_token_id
-        if pad is None and B != 1:
-            raise ValueError("batches of more than one sequence need config.pad_token_id to find their ends")
-        if pad is None or input_ids is None:
-            last = torch.full((B,), logits.shape[1] - 1, device=logits.device)
-        else:
-            # The pad id is also an eos id, so take the rightmost non-pad token: this handles left
-            # and right padding alike.
-            positions = torch.arange(input_ids.shape[1], device=logits.device)
-            last = (positions * (input_ids != pad)).argmax(-1)
-        pooled = logits[torch.arange(B, device=logits.device), last]
-        loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
-        return SequenceClassifierOutput(loss, pooled, out.past_key_values, out.hidden_states)
-
-
-class Glm4ForTokenClassification(Glm4PreTrainedModel):
-    def __init__(self, config: Glm4Config) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Glm4Model(config)
-        p = config.classifier_dropout
-        self.dropout = nn.Dropout(0.1 if p is None else p)  # transformers' default for this head
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
-        if self.score.weight.device.type != "meta":
-            nn.init.normal_(self.score.weight, std=config.initializer_range)
-            nn.init.zeros_(self.score.bias)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool = False,
-    ) -> TokenClassifierOutput:
-        out = self.model(
-            input_ids,
-            attention_mask,
-            position_ids,
-            past_key_values,
-            inputs_embeds,
-            use_cache,
-            output_hidden_states,
-        )
-        logits = self.score(self.dropout(out.last_hidden_state))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100
-            )
-        return TokenClassifierOutput(loss, logits, out.past_key_values, out.hidden_states)
-
-
-# -- losses ----------------------------------------------------------------------------------------
+# -- the language model's loss (the other heads' are in heads.py) ---------------------------------
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -621,31 +500,4 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
     return F.cross_entropy(
         logits.float().flatten(0, 1), shifted.flatten().to(logits.device), ignore_index=-100
-    )
-
-
-def sequence_classification_loss(
-    pooled: torch.Tensor, labels: torch.Tensor, config: Glm4Config
-) -> torch.Tensor:
-    num_labels = config.num_labels
-    problem = config.problem_type
-    if problem is None:
-        if num_labels == 1:
-            problem = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    labels = labels.to(pooled.device)
-    if problem == "regression":
-        if num_labels == 1:
-            return F.mse_loss(pooled.squeeze(), labels.squeeze().to(pooled.dtype))
-        return F.mse_loss(pooled, labels.to(pooled.dtype))
-    if problem == "single_label_classification":
-        return F.cross_entropy(pooled.view(-1, num_labels), labels.view(-1), ignore_index=-100)
-    if problem == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))
-    raise ValueError(
-        f"problem_type {problem!r} is not one of regression, single_label_classification, "
-        "multi_label_classification"
     )
