@@ -465,6 +465,49 @@ def test_glm4_amx_0_starts_a_process_with_the_tiles_off():
     assert amx_in_a_process(GLM4_AMX="1") == str(kernels.set_amx())
 
 
+def test_prefetch_rows_by_vendor_and_setting():
+    """The rows from which the vector kernels ask for lines ahead: GLM4_PREFETCH_ROWS where set,
+    else 3 on AMD CPUs and 1 elsewhere; a setting that is not a whole number >= 1 is refused."""
+    assert kernels.prefetch_rows_default("vendor_id\t: AuthenticAMD\n") == 3
+    assert kernels.prefetch_rows_default("vendor_id\t: GenuineIntel\n") == 1
+    assert kernels.prefetch_rows_default("") == 1
+    assert kernels.prefetch_rows_default("vendor_id\t: AuthenticAMD\n", "1") == 1
+    assert kernels.prefetch_rows_default("vendor_id\t: GenuineIntel\n", "8") == 8
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(ValueError, match="GLM4_PREFETCH_ROWS"):
+            kernels.prefetch_rows_default("", bad)
+
+
+@needs_bf16_linear
+def test_prefetching_changes_no_numbers():
+    """Asking for lines ahead or not (set_prefetch_rows), the bf16, int8 and int4 products give the
+    same bits, at 1 and 5 rows; the setting sticks, is read back, and the default is the vendor's."""
+    from glm4.quantization import Int4Linear, Int8Linear
+
+    vendor, setting = kernels._cpuinfo("vendor_id"), os.environ.get("GLM4_PREFETCH_ROWS")
+    default = kernels.prefetch_rows_default(vendor, setting)
+    assert kernels.set_prefetch_rows() == default
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(640, 300, bias=False).bfloat16()
+    int8, int4 = Int8Linear.from_linear(linear), Int4Linear.from_linear(linear)
+    products = [lambda x: kernels.bf16_linear(x, linear.weight)]
+    if kernels.available("int8_linear"):
+        products.append(lambda x: kernels.int8_linear(x, int8.weight, int8.scales))
+    if kernels.available("int4_linear"):
+        products.append(lambda x: kernels.int4_linear(x, int4.weight, int4.scales_and_zeros, int4.group_size))
+    try:
+        for rows in (1, 5):
+            x = torch.randn(rows, 640).bfloat16()
+            asked = [kernels.set_prefetch_rows(1) == 1 and product(x) for product in products]
+            alone = [kernels.set_prefetch_rows(1000) == 1000 and product(x) for product in products]
+            for a, b in zip(asked, alone, strict=True):
+                assert torch.equal(a, b)
+        with pytest.raises(ValueError):
+            kernels.set_prefetch_rows(0)
+    finally:
+        kernels.set_prefetch_rows(default)
+
+
 @needs_bf16_linear
 def test_bf16_linear_rejects_what_it_has_no_kernel_for():
     weight = torch.randn(8, 64).bfloat16()

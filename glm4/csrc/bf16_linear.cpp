@@ -69,4 +69,15 @@ extern "C" int glm4_set_amx(int on) {
 #endif
 }
 
+// The rows of x from which the vector kernels ask for their weight's lines ahead (simd.h's
+// asks_ahead): set it where rows > 0; returns it.
+extern "C" int64_t glm4_set_prefetch_rows(int64_t rows) {
+#ifdef GLM4_BF16_LINEAR_KERNEL
+    if (rows > 0) glm4_prefetch::from_rows = rows;
+    return glm4_prefetch::from_rows.load();
+#else
+    return 0;
+#endif
+}
+
 TORCH_LIBRARY_IMPL(glm4, CPU, m) { m.impl("bf16_linear", &bf16_linear); }

@@ -61,7 +61,7 @@ inline void int4_unpack128(const uint8_t *p, bool half, __m512bh *n) {
 // a row's numbers are the same alone or among others.
 template <int M, int NB>
 inline void int4_tile(const uint16_t *xp, const float *sums, const uint8_t *const *wr, const uint32_t *const *pairs,
-                      uint16_t *y, int64_t K, int64_t N, int64_t group, const int64_t *r) {
+                      uint16_t *y, int64_t K, int64_t N, int64_t group, const int64_t *r, bool ask) {
     const __m512i high_half = _mm512_set1_epi32((int)0xFFFF0000u);
     const __m512i two_groups = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     const int64_t groups = K / group, Kp = int4_padded(K);
@@ -89,7 +89,7 @@ inline void int4_tile(const uint16_t *xp, const float *sums, const uint8_t *cons
             __m512bh n[NB][4];
             for (int j = 0; j < NB; j++) {
                 const uint8_t *p = wr[j] + c / 2;
-                prefetch_ahead(p);
+                if (ask) prefetch_ahead(p);
                 int4_unpack128(p, c + 64 == K, n[j]);
             }
             for (int m = 0; m < M; m++)
@@ -140,7 +140,7 @@ constexpr int64_t INT4_PASS_ROWS = 4;
 // int4_tile's passes over M rows of x (any number), for one tile of for_each_tile: weight rows r
 // (2 or 1).
 inline void int4_tile_rows(const uint16_t *xp, const float *sums, const uint8_t *w, const uint16_t *sz, uint16_t *y,
-                           int64_t M, int64_t K, int64_t N, int64_t group, const int64_t *r, int rows) {
+                           int64_t M, int64_t K, int64_t N, int64_t group, const int64_t *r, int rows, bool ask) {
     const int64_t groups = K / group, Kp = int4_padded(K);
     const uint8_t *wr[2] = {w + r[0] * (K / 2), w + r[rows - 1] * (K / 2)};
     const uint32_t *pairs[2] = {reinterpret_cast<const uint32_t *>(sz) + r[0] * groups,
@@ -150,14 +150,14 @@ inline void int4_tile_rows(const uint16_t *xp, const float *sums, const uint8_t 
         const float *sm = sums + m0 * groups;
         uint16_t *ym = y + m0 * N;
         switch (std::min<int64_t>(INT4_PASS_ROWS, M - m0) * 2 + (rows - 1)) {  // (rows of x, weight rows)
-            case 2: int4_tile<1, 1>(xm, sm, wr, pairs, ym, K, N, group, r); break;
-            case 3: int4_tile<1, 2>(xm, sm, wr, pairs, ym, K, N, group, r); break;
-            case 4: int4_tile<2, 1>(xm, sm, wr, pairs, ym, K, N, group, r); break;
-            case 5: int4_tile<2, 2>(xm, sm, wr, pairs, ym, K, N, group, r); break;
-            case 6: int4_tile<3, 1>(xm, sm, wr, pairs, ym, K, N, group, r); break;
-            case 7: int4_tile<3, 2>(xm, sm, wr, pairs, ym, K, N, group, r); break;
-            case 8: int4_tile<4, 1>(xm, sm, wr, pairs, ym, K, N, group, r); break;
-            default: int4_tile<4, 2>(xm, sm, wr, pairs, ym, K, N, group, r); break;
+            case 2: int4_tile<1, 1>(xm, sm, wr, pairs, ym, K, N, group, r, ask); break;
+            case 3: int4_tile<1, 2>(xm, sm, wr, pairs, ym, K, N, group, r, ask); break;
+            case 4: int4_tile<2, 1>(xm, sm, wr, pairs, ym, K, N, group, r, ask); break;
+            case 5: int4_tile<2, 2>(xm, sm, wr, pairs, ym, K, N, group, r, ask); break;
+            case 6: int4_tile<3, 1>(xm, sm, wr, pairs, ym, K, N, group, r, ask); break;
+            case 7: int4_tile<3, 2>(xm, sm, wr, pairs, ym, K, N, group, r, ask); break;
+            case 8: int4_tile<4, 1>(xm, sm, wr, pairs, ym, K, N, group, r, ask); break;
+            default: int4_tile<4, 2>(xm, sm, wr, pairs, ym, K, N, group, r, ask); break;
         }
     }
 }
@@ -345,8 +345,9 @@ inline void int4_linear_rows(const uint16_t *xs, const uint8_t *w, const uint16_
 #endif
     std::vector<uint16_t> xp;
     int4_vector_operand(xs, M, K, group, xp, sums);
+    const bool ask = asks_ahead(M);
     for_each_tile(N, [&](const int64_t *r, int rows) {
-        int4_tile_rows(xp.data(), sums.data(), w, sz, out, M, K, N, group, r, rows);
+        int4_tile_rows(xp.data(), sums.data(), w, sz, out, M, K, N, group, r, rows, ask);
     });
 }
 

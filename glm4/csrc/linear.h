@@ -26,11 +26,12 @@ namespace {
 constexpr int MAX_ROWS = 8;  // rows of x per pass over a tile: 2 x 8 accumulators, one reduce16
 
 // Weight rows stored as bf16, as `tile` reads them: w(j, k) the 32 columns from k of row j (the
-// lanes of `in` for the last K % 32, 0 elsewhere).
+// lanes of `in` for the last K % 32, 0 elsewhere), asking for the lines ahead where `ask` says so.
 struct Bf16Rows {
     const uint16_t *row[2];
+    bool ask;
     __m512bh operator()(int j, int64_t k) const {
-        prefetch_ahead(row[j] + k);
+        if (ask) prefetch_ahead(row[j] + k);
         return (__m512bh)_mm512_loadu_si512(row[j] + k);
     }
     __m512bh operator()(int j, int64_t k, __mmask32 in) const {
@@ -206,8 +207,9 @@ inline void linear_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int64
 #ifdef GLM4_AMX_KERNEL
     if (K % 32 == 0 && glm4_amx::on()) return amx_linear_rows(x, w, y, M, K, N);
 #endif
+    const bool ask = asks_ahead(M);
     for_each_tile(N, [&](const int64_t *r, int rows) {
-        tile_times(x, Bf16Rows{{w + r[0] * K, w + r[rows - 1] * K}}, rows, y, M, K, N, r);
+        tile_times(x, Bf16Rows{{w + r[0] * K, w + r[rows - 1] * K}, ask}, rows, y, M, K, N, r);
     });
 }
 

@@ -1,18 +1,34 @@
 // AVX-512 helpers shared by the kernels; include after <immintrin.h>, under __AVX512F__.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 namespace {
 
-// Ask for the cache line PREFETCH bytes past p. The kernels stream their weights row after row
-// (each thread through its own rows); measured on weights streamed from memory, asking ahead
-// reads them 1.2-1.35x as fast as the hardware prefetcher alone (int4 on the AMD development
-// machine), and up to 1.9x (bf16 at 1 to 8 rows) on an Intel Xeon whose prefetcher keeps a
-// single core's stream well below what memory allows.
+// Ask for the cache line PREFETCH bytes past p. The kernels stream their weights row after row (each
+// thread through its own rows) and ask ahead from glm4_prefetch::from_rows rows of x on (see
+// asks_ahead).
 constexpr int64_t PREFETCH = 4096;
 
 inline void prefetch_ahead(const void *p) { _mm_prefetch(static_cast<const char *>(p) + PREFETCH, _MM_HINT_T0); }
+
+}  // namespace
+
+namespace glm4_prefetch {
+// One setting for every source file, as glm4_amx::enabled (glm4_set_prefetch_rows).
+inline std::atomic<int64_t> from_rows{1};
+}  // namespace glm4_prefetch
+
+namespace {
+
+// Whether a product of M rows of x asks for its weight's lines ahead. On an Intel Xeon, whose
+// hardware prefetcher keeps a single core's stream well below what memory allows, asking reads the
+// weights up to 1.9x as fast at 1 to 8 rows. On the AMD development machine (Zen 4) the prefetcher
+// alone streams one row's product faster (bf16: 1.05-1.08x, and the whole decode step 1.2x when
+// the machine's bandwidth is high), while from 4 rows asking is 1.03-1.2x faster (kernels.py sets
+// the threshold by CPU vendor).
+inline bool asks_ahead(int64_t M) { return M >= glm4_prefetch::from_rows.load(std::memory_order_relaxed); }
 
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
 // The 16 bf16 values at p (the lanes of m; the others 0) as float32: bf16 is a float32's top half.
