@@ -81,7 +81,7 @@ def prefetch_rows_default(vendor: str, setting: str | None = None) -> int:
     (/proc/cpuinfo's vendor_id line). Intel's hardware prefetcher keeps one core's stream well below
     what memory allows, so there they always ask (bf16 at 1 to 8 rows up to 1.9x as fast); AMD's (Zen
     4, the development machine) streams one or two rows' products faster alone (bf16 1.03-1.10x on
-    single matrices, the batch-1 decode step up to 1.2x), while from 3 or 4 rows asking is faster
+    single matrices, the batch-1 decode step 1.05-1.3x), while from 3 or 4 rows asking is faster
     (int8 1.05-1.25x)."""
     if setting:
         try:
@@ -304,14 +304,14 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ (weight * scales[:, None]).T for bf16 x, the int8 weight (N, K) and bf16 scales
     (N) of `quantization.Int8Linear` (without bias), in one pass over the weight for up to 8 rows
-    of x at a time (any number on AMX tiles)."""
+    of x at a time (16 on AMX tiles)."""
     return torch.ops.glm4.int8_linear(x, weight, scales)
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int):
     """x (..., K) times the int4 weight of `quantization.Int4Linear` (without bias): weight (N, K/2)
-    bytes, scales_and_zeros (N, K/group_size, 2); one pass over the weight per row, or per 16 rows
-    on AMX tiles. Check `can_int4` first."""
+    bytes, scales_and_zeros (N, K/group_size, 2); one pass over the weight per 4 rows of x, or per
+    16 on AMX tiles. Check `can_int4` first."""
     return torch.ops.glm4.int4_linear(x, weight, scales_and_zeros, group_size)
 
 

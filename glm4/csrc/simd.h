@@ -25,7 +25,7 @@ namespace {
 // Whether a product of M rows of x asks for its weight's lines ahead. On an Intel Xeon, whose
 // hardware prefetcher keeps a single core's stream well below what memory allows, asking reads the
 // weights up to 1.9x as fast at 1 to 8 rows. On the AMD development machine (Zen 4) the prefetcher
-// alone streams one row's product faster (bf16: 1.05-1.08x, and the whole decode step 1.2x when
+// alone streams one row's product faster (bf16: 1.03-1.10x, and the batch-1 decode step 1.3x when
 // the machine's bandwidth is high), while from 4 rows asking is 1.03-1.2x faster (kernels.py sets
 // the threshold by CPU vendor).
 inline bool asks_ahead(int64_t M) { return M >= glm4_prefetch::from_rows.load(std::memory_order_relaxed); }
