@@ -8,7 +8,8 @@ the memory-bandwidth roofline: (bytes of weights read per token / seconds per to
 read bandwidth, read between stretches of 16 tokens (see Stretches: the bandwidth here drifts with
 the neighbours' load). Every figure alternates between the variants for a few rounds and shows the
 median, so that glm4 and transformers meet the same machine. The int8 and int4 models also prefill
-512 tokens and decode at the batch sizes, against transformers bf16.
+512 tokens and decode at the batch sizes, against transformers bf16; --long adds the prefill of a long
+prompt and the decoding after it.
 
     python bench/decode.py            # CPU, the small GLM-4 shape
     python bench/decode.py --gpu      # CUDA, the GLM-4-9B shape
@@ -235,11 +236,12 @@ def hf_decode(model, prompt: torch.Tensor, new_tokens: int, device: str) -> tupl
     return one, prompt.shape[0] * (new_tokens - 1) / (full - one)
 
 
-def prefill_rate(model, length: int, device: str, vocab: int) -> float:
+def prefill_rate(model, length: int, device: str, vocab: int, repeats: int = 3) -> float:
+    """Prompt tokens a second: the best of `repeats` timed forwards after one to warm up."""
     ids = torch.randint(0, vocab, (1, length), device=device)
     with torch.inference_mode():
         model(ids, logits_to_keep=1)
-        best = min(timed(lambda: model(ids, logits_to_keep=1), device) for _ in range(3))
+        best = min(timed(lambda: model(ids, logits_to_keep=1), device) for _ in range(repeats))
     return length / best
 
 
@@ -376,7 +378,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--batches", default="2,4,8,32", help="batch sizes for the throughput rows")
-    parser.add_argument("--long", type=int, default=4000, help="long-context row: prompt length (0: none)")
+    parser.add_argument(
+        "--long", type=int, default=4000, help="long-prompt rows: prefill it, decode after it (0: none)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per measurement")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-quantized", action="store_true")
@@ -504,6 +508,7 @@ def main() -> None:
         if args.long:  # decoding after a long prompt (Z1 answers run long): attention grows with it
             long = torch.randint(0, 151552, (1, args.long), device=device)
             glm4_decode(ours, long, 64, device)  # warm up this cache size
+            pairs[f"prefill {args.long}"] = (lambda m: prefill_rate(m, args.long, device, 151552, 1),) * 2
             pairs[f"decode batch 1 after {args.long} tokens"] = (
                 lambda m: glm4_decode(m, long, 64, device)[1],
                 lambda m: hf_decode(m, long, 64, device)[1],

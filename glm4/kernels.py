@@ -4,6 +4,9 @@
   The library path (float copies of the cache and two small matmuls, or SDPA) costs several times
   the arithmetic: about 300 us a layer at 3,000 cached positions on the benchmark model, against
   100 here. Long Z1 answers decode over thousands of positions, so that grows with every token.
+- `prompt_attention` (csrc/prompt_attention.cpp): a prompt's queries attend over a bf16 cache,
+  causally or under a mask, flash style on bf16 dot-product micro-tiles: 2.3-4x torch's CPU
+  flash kernel (2.13), which multiplies its small blocks through the general GEMM.
 - `int4_linear` (csrc/int4_linear.cpp, int4.h): up to 32 rows times a group-wise int4 weight in
   glm4's stored layout, unpacked with bitwise ops and multiplied in bf16 pairs (4 rows to a pass,
   or 16 on AMX tiles where the CPU has them), where torch's CPU int4 kernel is bound by its
@@ -26,9 +29,9 @@ torch's headers into a cache folder ($GLM4_KERNEL_CACHE, or ~/.cache/glm4/kernel
 that hashes the sources, the command, torch's version and this CPU's flags, so that a home folder
 shared between machines never hands one a binary built for another. Where it cannot be built (no
 compiler, not Linux on x86-64), where the CPU lacks the instructions (AVX-512F; for the
-linears also AVX-512BW and BF16, and VL for int8; for decode_step and argmax AVX-512BW, VL and BF16), or with
-GLM4_CPU_KERNELS=0, `available(op)` says False and the model keeps its float path, torch's kernel
-or oneDNN.
+linears and prompt_attention also AVX-512BW and BF16, and VL for int8; for decode_step and argmax
+AVX-512BW, VL and BF16), or with GLM4_CPU_KERNELS=0, `available(op)` says False and the model keeps
+its float path, SDPA, torch's kernel or oneDNN.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-OPS = ("decode_attention", "int4_linear", "int8_linear", "bf16_linear", "decode_step")
+OPS = ("decode_attention", "prompt_attention", "int4_linear", "int8_linear", "bf16_linear", "decode_step")
 SOURCES = [Path(__file__).with_name("csrc") / f"{op}.cpp" for op in OPS]
 HEAD_DIMS = (64, 128, 256)
 # Smaller weights (a toy model's) spend more in the call than in the product: not worth the build.
@@ -213,6 +216,18 @@ def can_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
+def can_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `prompt_attention` runs these inputs: bf16 on the CPU, a head dim it has a kernel
+    for, and nothing that needs gradients."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.shape[-1] in HEAD_DIMS
+        and _inference(q, k, v)
+        and available("prompt_attention")
+    )
+
+
 def can_bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `bf16_linear` runs x @ weight.T: both bf16 on the CPU, a contiguous weight of at
     least BF16_LINEAR_MIN_WEIGHT elements, nothing that needs gradients. The caller picks the rows."""
@@ -275,6 +290,7 @@ def can_int4(x: torch.Tensor, group_size: int) -> bool:
 
 _ops = torch.library.Library("glm4", "FRAGMENT")
 _ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+_ops.define("prompt_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
 _ops.define("int4_linear(Tensor x, Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor")
 _ops.define("bf16_linear(Tensor x, Tensor weight) -> Tensor")
 _ops.define("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor")
@@ -293,6 +309,15 @@ def decode_attention(
     """softmax(q k^T * scale) v for one query per row: q (B, H, 1, D), k and v (B, H_kv, S, D),
     mask None or a (B, 1, 1, S) bool of the keys each row may see. Check `can_decode` first."""
     return torch.ops.glm4.decode_attention(q, k, v, mask, scale)
+
+
+def prompt_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v for many queries per row: q (B, H, T, D), k and v (B, H_kv, S, D)
+    with S >= T, mask a (B, 1, T, S) bool of the keys each query may see, or None for causal
+    attention of the last T positions. Check `can_prompt` first."""
+    return torch.ops.glm4.prompt_attention(q, k, v, mask, scale)
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -363,6 +388,11 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("glm4::decode_attention")
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("glm4::prompt_attention")
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 

@@ -14,13 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from glm4.attention import (
-    CAUSAL_BLOCK,
-    DECODE_ATTENTION,
-    causal_mask,
-    causal_prompt_attention,
-    decode_attention,
-)
+from glm4.attention import DECODE_ATTENTION, causal_mask, decode_attention, prompt_attention
 from glm4.cache import DynamicCache, KVCache
 from glm4.checkpoint import PretrainedMixin
 from glm4.config import Glm4Config
@@ -149,21 +143,7 @@ class Glm4Attention(nn.Module):
         width = mask.shape[-1] if mask is not None else T
         if k.shape[2] > width:  # a preallocated cache: only its filled part
             k, v = k[:, :, :width], v[:, :, :width]
-        # The CPU kernel is about 20% faster on contiguous heads than on the (B, T, H, D) views.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if mask is None and CAUSAL_BLOCK < T <= 512 and q.device.type == "cpu" and not self.training:
-            out = causal_prompt_attention(q, k, v, self.scaling)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1,
-            scale=self.scaling,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        out = prompt_attention(q, k, v, mask, self.scaling, self.training, self.dropout)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -148,6 +149,118 @@ def test_bf16_decoding_runs_the_kernel_eager_and_compiled():
     layers = model.config.num_hidden_layers
     assert eager_calls == compiled_calls == 5 * layers  # every step after the prompt's first token
     assert torch.equal(compiled, eager)
+
+
+def prompt_inputs(batch, kv_heads, group, head_dim, queries, keys, masked, seed=0):
+    """q for the last `queries` of `keys` positions, k and v as views of a longer cache, and a
+    mask of the keys each query sees (causal, some padding hidden; each query sees one at least)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, queries, head_dim, generator=g).bfloat16()
+    cache = torch.randn(2, batch, kv_heads, keys + 37, head_dim, generator=g).mul(2).bfloat16()
+    k, v = cache[0, :, :, :keys], cache[1, :, :, :keys]
+    mask = torch.arange(keys)[None] <= (keys - queries + torch.arange(queries))[:, None]
+    mask = mask[None, None].expand(batch, 1, queries, keys)
+    if masked:
+        mask = mask & (torch.rand(batch, 1, 1, keys, generator=g) > 0.3)
+        mask = mask | ~mask.any(-1, keepdim=True)
+    return q, k, v, mask
+
+
+def exact_prompt(q, k, v, mask, scale):
+    """softmax(q k^T scale) v in float64, the query heads that share a KV head repeated."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, 1) for t in (k, v))
+    scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("queries", "keys"), [(1, 1), (5, 5), (64, 64), (100, 100), (70, 300), (17, 1000)])
+@pytest.mark.parametrize("shape", [(1, 2, 8, 64), (2, 2, 6, 128), (1, 1, 3, 256)])  # (B, H_kv, G, D)
+def test_prompt_kernel_is_as_close_to_exact_as_sdpa(shape, queries, keys, threads):
+    """Blocks of 64 keys and the last partial one, micro-tiles of 4 rows and their tails (groups
+    of 6 and 3 query heads), causal past an offset (a chunk over the cache before it) and under a
+    mask, items split over threads: as close to the float64 result as torch's SDPA in bf16, which
+    also rounds its softmax weights to bf16."""
+    scale = shape[-1] ** -0.5
+    for masked in (False, True):
+        q, k, v, mask = prompt_inputs(*shape, queries, keys, masked)
+        out = with_threads(
+            threads, partial(kernels.prompt_attention, q, k, v, mask if masked else None, scale)
+        )
+        exact = exact_prompt(q, k, v, mask, scale)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=True)
+        ours, theirs = (out.double() - exact).abs(), (sdpa.double() - exact).abs()
+        assert ours.max() <= 1.5 * theirs.max() + 1e-3
+        assert ours.mean() <= 1.25 * theirs.mean() + 1e-5
+        if masked:  # a mask of the causal part alone gives the causal result
+            causal = prompt_inputs(*shape, queries, keys, False)[3]
+            assert torch.equal(
+                kernels.prompt_attention(q, k, v, causal, scale),
+                kernels.prompt_attention(q, k, v, None, scale),
+            )
+
+
+@needs_kernel
+def test_prompt_kernel_gives_zeros_where_a_query_sees_nothing():
+    q, k, v, mask = prompt_inputs(1, 2, 4, 64, 10, 80, masked=False)
+    mask = mask.clone()
+    mask[..., 3, :] = False
+    out = kernels.prompt_attention(q, k, v, mask, 0.125)
+    assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+    keep = torch.ones(10, dtype=torch.bool)
+    keep[3] = False
+    torch.testing.assert_close(
+        out[:, :, keep].double(), exact_prompt(q, k, v, mask, 0.125)[:, :, keep], rtol=0, atol=0.02
+    )
+
+
+def test_where_the_prompt_kernel_runs():
+    q, k, v, _ = prompt_inputs(1, 2, 4, 64, 10, 10, masked=False)
+    assert kernels.can_prompt(q, k, v) == kernels.available("prompt_attention")
+    assert not kernels.can_prompt(q.float(), k.float(), v.float())
+    assert not kernels.can_prompt(q[..., :32], k[..., :32], v[..., :32])
+    q.requires_grad_(True)
+    assert not kernels.can_prompt(q, k, v)
+
+
+@needs_kernel
+def test_bf16_prompts_run_the_prompt_kernel_chunked_or_whole():
+    """A bf16 model's prompt (whole, or in chunks over the cache before them) goes through the
+    kernel, not in training; its logits stay within bf16 noise of SDPA's, and chunks of any size
+    agree with the whole prompt."""
+    from torch.profiler import profile
+
+    from glm4.generation import prefill
+
+    model = tiny_lm(head_dim=64, num_attention_heads=8, max_position_embeddings=512).bfloat16()
+    ids = random_ids(1, 300)
+
+    def last_logits(chunk: int) -> tuple[torch.Tensor, int]:
+        with torch.no_grad(), profile() as prof:
+            logits = prefill(model, ids, torch.ones_like(ids), torch.arange(300)[None], DynamicCache(), chunk)
+        return logits, sum(e.count for e in prof.key_averages() if e.key == "glm4::prompt_attention")
+
+    whole, calls = last_logits(512)
+    layers = model.config.num_hidden_layers
+    assert calls == layers
+    for chunk in (64, 100):
+        chunked, calls = last_logits(chunk)
+        assert calls == layers * -(-300 // chunk)
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=0.02 * whole.abs().max().item())
+    can_prompt = kernels.can_prompt
+    kernels.can_prompt = lambda *args: False
+    try:
+        sdpa, calls = last_logits(100)
+    finally:
+        kernels.can_prompt = can_prompt
+    assert calls == 0
+    torch.testing.assert_close(whole, sdpa, rtol=0, atol=0.02 * sdpa.abs().max().item())
+    model.train()
+    with profile() as prof:
+        model(ids[:, :20]).logits.sum().backward()  # training: torch's attention, with its gradients
+    assert not any(e.key == "glm4::prompt_attention" for e in prof.key_averages())
 
 
 def test_kernel_cache_builds_once(tmp_path, monkeypatch, caplog):
