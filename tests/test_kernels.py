@@ -1,4 +1,5 @@
-"""The CPU decode-attention kernel (glm4/csrc/decode_attention.cpp) against the float path."""
+"""The CPU kernels (glm4/csrc): decode attention against float64 and the float path, prompt attention
+against float64 and torch's SDPA, the linears, the fused decode step."""
 
 import os
 import subprocess
@@ -15,6 +16,9 @@ from glm4 import kernels
 from glm4.cache import DynamicCache
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler or no AVX-512F here")
+needs_prompt_kernel = pytest.mark.skipif(
+    not kernels.available("prompt_attention"), reason="no C++ compiler or no AVX-512BW and BF16 here"
+)
 
 
 def float_path(q, k, v, mask, scale):
@@ -174,7 +178,7 @@ def exact_prompt(q, k, v, mask, scale):
     return scores.softmax(-1) @ v
 
 
-@needs_kernel
+@needs_prompt_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(("queries", "keys"), [(1, 1), (5, 5), (64, 64), (100, 100), (70, 300), (17, 1000)])
 @pytest.mark.parametrize("shape", [(1, 2, 8, 64), (2, 2, 6, 128), (1, 1, 3, 256)])  # (B, H_kv, G, D)
@@ -202,7 +206,7 @@ def test_prompt_kernel_is_as_close_to_exact_as_sdpa(shape, queries, keys, thread
             )
 
 
-@needs_kernel
+@needs_prompt_kernel
 def test_prompt_kernel_gives_zeros_where_a_query_sees_nothing():
     q, k, v, mask = prompt_inputs(1, 2, 4, 64, 10, 80, masked=False)
     mask = mask.clone()
@@ -225,7 +229,7 @@ def test_where_the_prompt_kernel_runs():
     assert not kernels.can_prompt(q, k, v)
 
 
-@needs_kernel
+@needs_prompt_kernel
 def test_bf16_prompts_run_the_prompt_kernel_chunked_or_whole():
     """A bf16 model's prompt (whole, or in chunks over the cache before them) goes through the
     kernel, not in training; its logits stay within bf16 noise of SDPA's, and chunks of any size

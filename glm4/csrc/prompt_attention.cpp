@@ -40,6 +40,33 @@ constexpr int TILE = 4;       // rows of a micro-tile: their 16 accumulators sta
 
 inline __m512bh pair_of(const uint32_t *p) { return (__m512bh)_mm512_set1_epi32((int)*p); }
 
+// r[i] lane j = r[j] lane i, for 16 vectors of 16 32-bit lanes: four rounds of shuffles.
+inline void transpose16(__m512i *r) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+    }
+}
+
 // One block of keys, laid out for the products: kt[p][j] the pair of dims (2p, 2p + 1) of key j,
 // vp[i][d] the pair (key 2i, key 2i + 1) of dim d; keys past n are zeros.
 struct Block {
@@ -52,9 +79,16 @@ struct Block {
             std::fill(kt.begin(), kt.end(), 0u);
             std::fill(vp.begin(), vp.end(), 0u);
         }
-        for (int64_t j = 0; j < n; j++) {
-            const uint32_t *row = reinterpret_cast<const uint32_t *>(k + j * k_ss);
-            for (int64_t p = 0; p < D / 2; p++) kt[p * KEYS + j] = row[p];
+        // 16 keys by 16 pairs of dims at a time, transposed in registers.
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+            const int64_t rows = std::min<int64_t>(16, n - j0);
+            for (int64_t p0 = 0; p0 < D / 2; p0 += 16) {
+                __m512i r[16];
+                for (int64_t j = 0; j < 16; j++)
+                    r[j] = j < rows ? _mm512_loadu_si512(k + (j0 + j) * k_ss + 2 * p0) : _mm512_setzero_si512();
+                transpose16(r);
+                for (int64_t p = 0; p < 16; p++) _mm512_storeu_si512(&kt[(p0 + p) * KEYS + j0], r[p]);
+            }
         }
         // Two keys' rows interleaved, 32 dims at a time: lane 2i from the first, 2i + 1 the second.
         const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
