@@ -204,28 +204,26 @@ def _inference(*tensors: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+def _attends(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.shape[-1] in HEAD_DIMS
+        and _inference(q, k, v)
+        and available(op)
+    )
+
+
 def can_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `decode_attention` runs these inputs: bf16 on the CPU, a head dim it has a kernel
     for, and nothing that needs gradients."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype == k.dtype == v.dtype == torch.bfloat16
-        and q.shape[-1] in HEAD_DIMS
-        and _inference(q, k, v)
-        and available("decode_attention")
-    )
+    return _attends("decode_attention", q, k, v)
 
 
 def can_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `prompt_attention` runs these inputs: bf16 on the CPU, a head dim it has a kernel
-    for, and nothing that needs gradients."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype == k.dtype == v.dtype == torch.bfloat16
-        and q.shape[-1] in HEAD_DIMS
-        and _inference(q, k, v)
-        and available("prompt_attention")
-    )
+    """Whether `prompt_attention` runs these inputs: as `can_decode`, where this CPU has the
+    prompt kernel's instructions."""
+    return _attends("prompt_attention", q, k, v)
 
 
 def can_bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
