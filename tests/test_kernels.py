@@ -32,13 +32,14 @@ def float_path(q, k, v, mask, scale):
 
 
 def exact(q, k, v, mask, scale):
-    """The same in float64."""
-    B, H, _, D = q.shape
-    qg = q.double().view(B, k.shape[1], -1, D)
-    scores = qg @ k.double().transpose(-1, -2) * scale
+    """softmax(q k^T scale) v in float64, the query heads that share a KV head repeated; mask a bool
+    of the keys each query sees, or None for all."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, 1) for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1) @ v.double()).reshape(B, H, 1, D)
+    return scores.softmax(-1) @ v
 
 
 def inputs(batch, kv_heads, group, head_dim, length, masked, seed=0):
@@ -170,14 +171,6 @@ def prompt_inputs(batch, kv_heads, group, head_dim, queries, keys, masked, seed=
     return q, k, v, mask
 
 
-def exact_prompt(q, k, v, mask, scale):
-    """softmax(q k^T scale) v in float64, the query heads that share a KV head repeated."""
-    group = q.shape[1] // k.shape[1]
-    k, v = (t.double().repeat_interleave(group, 1) for t in (k, v))
-    scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1) @ v
-
-
 @needs_prompt_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(("queries", "keys"), [(1, 1), (5, 5), (64, 64), (100, 100), (70, 300), (17, 1000)])
@@ -193,9 +186,9 @@ def test_prompt_kernel_is_as_close_to_exact_as_sdpa(shape, queries, keys, thread
         out = with_threads(
             threads, partial(kernels.prompt_attention, q, k, v, mask if masked else None, scale)
         )
-        exact = exact_prompt(q, k, v, mask, scale)
+        reference = exact(q, k, v, mask, scale)
         sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=True)
-        ours, theirs = (out.double() - exact).abs(), (sdpa.double() - exact).abs()
+        ours, theirs = (out.double() - reference).abs(), (sdpa.double() - reference).abs()
         assert ours.max() <= 1.5 * theirs.max() + 1e-3
         assert ours.mean() <= 1.25 * theirs.mean() + 1e-5
         if masked:  # a mask of the causal part alone gives the causal result
@@ -216,7 +209,7 @@ def test_prompt_kernel_gives_zeros_where_a_query_sees_nothing():
     keep = torch.ones(10, dtype=torch.bool)
     keep[3] = False
     torch.testing.assert_close(
-        out[:, :, keep].double(), exact_prompt(q, k, v, mask, 0.125)[:, :, keep], rtol=0, atol=0.02
+        out[:, :, keep].double(), exact(q, k, v, mask, 0.125)[:, :, keep], rtol=0, atol=0.02
     )
 
 

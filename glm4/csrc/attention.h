@@ -1,8 +1,9 @@
 // The decode attention kernel's core (see decode_attention.cpp), shared with the fused decode step
-// (decode_step.cpp): attend() over raw bf16 buffers.
+// (decode_step.cpp): attend() over raw bf16 buffers; and unit_last, which the prompt kernel shares.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include "bf16.h"
 
@@ -18,6 +19,9 @@
 #endif
 
 namespace {
+
+// t itself where its last dim is unit-stride (a cache's view), else a contiguous copy.
+inline at::Tensor unit_last(const at::Tensor &t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 #ifdef __AVX512F__
 

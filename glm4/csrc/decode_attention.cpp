@@ -25,8 +25,6 @@
 
 namespace {
 
-at::Tensor unit_last(const at::Tensor &t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 // q (B, H_q, 1, D), k and v (B, H, S, D), mask None or (B, 1, 1, S) bool: softmax(q k^T scale) v.
 at::Tensor decode_attention(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
                             const std::optional<at::Tensor> &mask, double scale) {

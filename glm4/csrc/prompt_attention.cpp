@@ -262,8 +262,6 @@ void attend_prompt(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
 
 #endif  // GLM4_PROMPT_ATTENTION_KERNEL
 
-at::Tensor unit_last(const at::Tensor &t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 // q (B, H_q, T, D), k and v (B, H, S, D) with S >= T, mask None (causal: the queries are the last T
 // of the S positions) or (B, 1, T, S) bool: softmax(q k^T scale + mask) v, (B, H_q, T, D).
 at::Tensor prompt_attention(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
