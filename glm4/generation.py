@@ -69,7 +69,8 @@ def stream_tokens(
     eos = [eos] if isinstance(eos, int) else list(eos)
     stop_ids = set(eos)
     if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos[0]
+        # (no pad and no eos: no row ever finishes early, so the pad is never written)
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     B, T = input_ids.shape
     limit = config.max_context
     if limit is not None:

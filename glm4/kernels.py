@@ -28,10 +28,13 @@ a call around 10 of work. The library is compiled with `-march=native` (g++, or 
 torch's headers into a cache folder ($GLM4_KERNEL_CACHE, or ~/.cache/glm4/kernels) under a name
 that hashes the sources, the command, torch's version and this CPU's flags, so that a home folder
 shared between machines never hands one a binary built for another. Where it cannot be built (no
-compiler, not Linux on x86-64), where the CPU lacks the instructions (AVX-512F; for the
-linears and prompt_attention also AVX-512BW and BF16, and VL for int8; for decode_step and argmax
-AVX-512BW, VL and BF16), or with GLM4_CPU_KERNELS=0, `available(op)` says False and the model keeps
-its float path, SDPA, torch's kernel or oneDNN.
+compiler, not Linux on x86-64), where the CPU lacks the instructions (AVX-512F; for
+prompt_attention also AVX-512BW and BF16; for decode_step and argmax AVX-512BW, VL and BF16), or
+with GLM4_CPU_KERNELS=0, `available(op)` says False and the model keeps its float path, SDPA,
+torch's kernel or oneDNN. The linears (bf16, int8, int4) need AVX-512BW and BF16 (and VL for
+int8); on a CPU without them but with AVX2 and FMA (most desktop and laptop CPUs, and AVX-512 Xeons
+before Cooper Lake) they are built from csrc/avx2.h instead: the weight widened to float32 in
+registers for FMAs, one row of x 1.6-3.4x the library's kernels (`avx2()`).
 """
 
 from __future__ import annotations
@@ -141,8 +144,9 @@ def _load() -> dict[str, bool]:
         detail = getattr(e, "stderr", b"") or b""
         log.info("no CPU kernels (%s) %s", e, detail.decode(errors="replace")[-500:])
         return {}
-    global _library, _amx
+    global _library, _amx, _avx2
     _library = library
+    _avx2 = bool(library.glm4_avx2())
     _amx = bool(library.glm4_set_amx(0 if os.environ.get("GLM4_AMX") == "0" else -1))
     library.glm4_set_prefetch_rows.restype = ctypes.c_int64
     library.glm4_set_prefetch_rows.argtypes = [ctypes.c_int64]
@@ -157,6 +161,13 @@ def _load() -> dict[str, bool]:
 _supported: dict[str, bool] | None = None
 _library: ctypes.CDLL | None = None
 _amx: bool | None = None  # set_amx's answer, kept
+_avx2 = False
+
+
+def avx2() -> bool:
+    """Whether the linear kernels are the AVX2 ones (csrc/avx2.h: a CPU without AVX-512 BF16), which
+    run fewer rows of x faster than the library (see linear.kernel_rows)."""
+    return available("bf16_linear") and _avx2
 
 
 def available(op: str = "decode_attention") -> bool:

@@ -42,12 +42,18 @@ KERNEL_ROWS_PACKED, KERNEL_ROWS = 4, 8
 # On AMX tiles (kernels.set_amx), for weights of a width that is a multiple of 32: against oneDNN on
 # its packed copy, 1.9x at 1 row, 1.8x at 8, 1.7x at 16 and 2.1x at 32 (Intel Xeon, 2 threads).
 AMX_KERNEL_ROWS = 32
+# The AVX2 kernel (kernels.avx2(): no AVX-512 BF16), against oneDNN on the plain weight (the bench's
+# lm_head streamed from memory, AMD EPYC built without AVX-512, torch's kernels held to AVX2): 1.7-3.4x
+# at 1 row, 0.9-1.2x at 2, 1.3x at 4, 0.8x at 8.
+AVX2_KERNEL_ROWS = 4
 
 
 def kernel_rows(in_features: int, packed: bool) -> int:
     """The most rows of x for which glm4's bf16 kernel runs a product with a weight of this width."""
     if in_features % 32 == 0 and kernels.set_amx():
         return AMX_KERNEL_ROWS
+    if kernels.avx2():
+        return AVX2_KERNEL_ROWS
     return KERNEL_ROWS_PACKED if packed else KERNEL_ROWS
 
 

@@ -42,6 +42,29 @@ def _compiled_single_row(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1
 
 
+# Whether inductor's code for an int8 multiply-reduce streams the weight: with AVX-512 vectors it
+# does (the bench's model decodes 1.8x faster than on torch's int8 kernel); with AVX2 ones it reads
+# it at 1-2 GB/s (it loads 8 of a vector's 32 bytes through a copy), 7x slower than torch's kernel.
+# Set by `check_inductor` before a compile, as tracing cannot ask.
+int8_reduce_compiles_well = True
+
+
+def check_inductor() -> None:
+    """Find out (once) how wide the vectors of inductor's CPU code are."""
+    global int8_reduce_compiles_well, _checked_inductor
+    if not _checked_inductor:
+        _checked_inductor = True
+        try:
+            from torch._inductor import cpu_vec_isa
+
+            int8_reduce_compiles_well = cpu_vec_isa.pick_vec_isa().nelements() >= 16
+        except Exception:  # a private API: where it moved, keep the reduce
+            int8_reduce_compiles_well = True
+
+
+_checked_inductor = False
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale).T, q int8 per row, one scale per output channel."""
 
@@ -68,7 +91,7 @@ class Int8Linear(nn.Module):
         # (can_int8 first: a toy model's layer never builds the kernels)
         if kernels.can_int8(x, self.weight) and rows <= QUANTIZED_KERNEL_ROWS:
             y = kernels.int8_linear(x, self.weight, self.scales.to(x.dtype))
-        elif _compiled_single_row(x):
+        elif _compiled_single_row(x) and int8_reduce_compiles_well:
             y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1) * self.scales.float()
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         elif x.device.type == "cpu" and rows <= KERNEL_ROWS and self.in_features % 16 == 0:
@@ -134,6 +157,15 @@ INT4_KERNELS = {
 # torch's packed int4 kernel: on the benchmark's gate_up weight (Intel Xeon, 2 threads) the two tie
 # at 16 rows, and the matmul is 2x faster at 32, 3.4x at 64 and 10x at 512 (prefill).
 INT4_DEQUANTIZE_ROWS = 16
+# Rows of x up to which the AVX2 int4 kernel (kernels.avx2()) runs a product; more run torch's int4
+# kernel: on the bench's lm_head (AMD EPYC built without AVX-512) 1.6x torch's at 1 row, 1.2x at 2,
+# 0.7x at 4.
+AVX2_INT4_KERNEL_ROWS = 2
+
+
+def int4_kernel_rows() -> int:
+    """The most rows of x for which glm4's int4 kernel runs a product."""
+    return AVX2_INT4_KERNEL_ROWS if kernels.avx2() else QUANTIZED_KERNEL_ROWS
 
 
 class Int4Linear(nn.Module):
@@ -220,7 +252,7 @@ class Int4Linear(nn.Module):
         # (A compiled multiply-reduce measured slower than torch's kernel for int4; int8 is the reverse.)
         fast_dequantize = kernels.can_int4_dequantize(x, self.weight)
         rows = x.shape[:-1].numel()
-        if kernels.can_int4(x, self.group_size) and rows <= QUANTIZED_KERNEL_ROWS:  # on the stored layout
+        if kernels.can_int4(x, self.group_size) and rows <= int4_kernel_rows():  # on the stored layout
             y = kernels.int4_linear(x, self.weight, self.scales_and_zeros.to(x.dtype), self.group_size)
         elif (
             self.packed_for == x.device.type

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from glm4 import fused, kernels
+from glm4 import fused, kernels, quantization
 
 logger = logging.getLogger("glm4")
 
@@ -103,6 +103,7 @@ def compiled_step(model: torch.nn.Module):
         else:
             if model.dtype == torch.bfloat16:
                 kernels.available()  # build the CPU kernels now: tracing cannot
+            quantization.check_inductor()
             # Materialise every intermediate instead of recomputing it inside the consumers: otherwise
             # inductor inlines a norm into the next matmul-as-reduction and redoes it for every row.
             options = {"realize_reads_threshold": 1, "realize_opcount_threshold": 1}

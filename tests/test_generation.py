@@ -258,3 +258,12 @@ def test_host_copy_on_cuda_waits_for_its_copy_only(monkeypatch):
     assert read() == "the copy" and log[-1] == "synchronize"
     cpu = torch.tensor([3, 4])
     assert torch.equal(generation.host_copy(cpu)(), cpu)
+
+
+def test_a_model_without_pad_generates_without_stop_tokens():
+    """No pad token in config.json and no eos asked for: nothing to pad with, and nothing needs it."""
+    model = tiny_lm()
+    model.config.pad_token_id = None
+    ids = random_ids(2, 5)
+    out = model.generate(ids, max_new_tokens=3, eos_token_id=[], compile=False)
+    assert out.shape == (2, 8)

@@ -390,12 +390,14 @@ def test_int4_kernel_rows_do_not_depend_on_the_batch(shape, rows, kernel_path):
 
 @needs_int4_kernel
 def test_int4_layers_take_the_kernel_by_rows(kernel_path, monkeypatch):
-    """Up to 32 rows on either path; more rows: the weight dequantized into the library's matmul.
-    A row's outputs are the same bits alone or in the batch."""
-    from glm4.linear import QUANTIZED_KERNEL_ROWS
+    """Up to 32 rows on either path (2 on the AVX2 one); more rows: torch's int4 kernel or the
+    weight dequantized into the library's matmul. A row's outputs are the same bits alone or in the
+    batch."""
+    from glm4.quantization import int4_kernel_rows
 
     layer = int4_layer(64, 128, 64)
-    limit = QUANTIZED_KERNEL_ROWS
+    limit = int4_kernel_rows()
+    assert limit == (2 if kernels.avx2() else 32)
     calls = []
     kernel = kernels.int4_linear
     monkeypatch.setattr(kernels, "int4_linear", lambda *args: calls.append(1) or kernel(*args))
@@ -406,7 +408,7 @@ def test_int4_layers_take_the_kernel_by_rows(kernel_path, monkeypatch):
             return layer(x), bool(calls)
 
     rows = torch.randn(limit + 1, 1, 128).bfloat16()
-    assert [run(rows[:n])[1] for n in (1, 3, limit, limit + 1)] == [True, True, True, False]
+    assert [run(rows[:n])[1] for n in (1, limit, limit + 1)] == [True, True, False]
     for i in (0, limit - 1):
         ours, alone = run(rows[:limit])[0][i], run(rows[i : i + 1])[0][0]
         assert torch.equal(ours, alone)
@@ -462,7 +464,7 @@ def test_int4_model_decodes_through_the_kernel_compiled():
     from torch.profiler import profile
 
     from glm4.generation import stream_tokens
-    from glm4.quantization import quantize
+    from glm4.quantization import int4_kernel_rows, quantize
 
     model = quantize(tiny_lm(hidden_size=128, intermediate_size=256).bfloat16(), "int4")
     ids = random_ids(1, 5)
@@ -475,8 +477,9 @@ def test_int4_model_decodes_through_the_kernel_compiled():
     calls = sum(e.count for e in prof.key_averages() if e.key == "glm4::int4_linear")
     layers = model.config.num_hidden_layers
     # q, k, v, o, gate_up, down and the head in each of 5 decode steps; the prompt's last-row head
-    # and the 5-row prompt's projections
-    assert calls == 5 * (6 * layers + 1) + 1 + 6 * layers
+    # and the 5-row prompt's projections (not on the AVX2 kernel: 2 rows at most)
+    prompt = 6 * layers if int4_kernel_rows() >= 5 else 0
+    assert calls == 5 * (6 * layers + 1) + 1 + prompt
     assert torch.equal(compiled, eager)
 
 
@@ -646,7 +649,7 @@ def test_where_bf16_linear_runs():
 def test_linear_layers_choose_the_kernel_by_rows(width, kernel_path, monkeypatch):
     """Up to 8 rows on the plain weight; with a packed copy, up to 4 rows (oneDNN is faster on its
     copy from 5 rows); more rows: oneDNN. On AMX tiles (a width that is a multiple of 32) up to 32
-    rows, packed copy or not."""
+    rows, packed copy or not; on the AVX2 kernel up to 4 rows either way."""
     layer = glm4.linear.Linear(width, 1024, bias=True).bfloat16()
     amx = kernel_path == "amx" and width % 32 == 0
     calls = []
@@ -665,12 +668,16 @@ def test_linear_layers_choose_the_kernel_by_rows(width, kernel_path, monkeypatch
 
     if amx:
         assert [run(r) for r in (1, 9, 32, 33)] == ["kernel", "kernel", "kernel", None]
+    elif kernels.avx2():
+        assert [run(r) for r in (1, 2, 4, 5)] == ["kernel", "kernel", "kernel", None]
     else:
         assert [run(r) for r in (1, 2, 8, 9)] == ["kernel", "kernel", "kernel", None]
     if glm4.linear.can_pack(layer.weight):
         layer.pack()
         if amx:
             assert [run(r) for r in (1, 5, 32, 33)] == ["kernel", "kernel", "kernel", "packed"]
+        elif kernels.avx2():
+            assert [run(r) for r in (1, 4, 5)] == ["kernel", "kernel", "packed"]
         else:
             assert [run(r) for r in (1, 4, 5, 9)] == ["kernel", "kernel", "packed", "packed"]
     x = torch.randn(2, width).bfloat16()
@@ -718,3 +725,40 @@ def test_bf16_model_decodes_through_bf16_linear(batch, monkeypatch):
     # 4 decode steps after the prompt's token, whose last positions (1 or 3 rows) go through the head
     assert eager_calls == compiled_calls == 4 * per_step + 1
     assert torch.equal(compiled, eager)
+
+
+# -- the linears' AVX2 build (csrc/avx2.h), on a CPU without AVX-512 BF16 ------------------------
+
+AVX2_RUN = "GLM4_TEST_AVX2"  # set in the run below: the kernels it loads must be the AVX2 ones
+LINEAR_TESTS = "int4 or int8 or bf16_linear or linear_layers or bf16_model or prefetching or avx2"
+
+
+@pytest.mark.skipif(not os.environ.get(AVX2_RUN), reason="only in the AVX2 build's run")
+def test_the_avx2_run_loads_the_avx2_linears():
+    assert kernels.avx2()
+    assert kernels.available("int8_linear") and kernels.available("int4_linear")
+    assert not kernels.available("decode_step")  # the fused step stays AVX-512 BF16
+
+
+@pytest.mark.skipif(
+    os.environ.get(AVX2_RUN) or not {"avx2", "fma"} <= set(kernels._cpu_flags().split()) or kernels.avx2(),
+    reason="no AVX2 and FMA here, or this run's kernels are already the AVX2 ones",
+)
+def test_the_linears_built_for_avx2_pass_their_tests(tmp_path):
+    """The linears' tests again, in a process whose kernels are built without AVX-512 (as on a CPU
+    without it: most desktop and laptop CPUs) and whose torch kernels and inductor code are held to
+    AVX2 (in a cache of their own: inductor's cached code is not keyed on that)."""
+    compiler = tmp_path / "g++-avx2"
+    compiler.write_text(f'#!/bin/sh\nexec {os.environ.get("CXX", "g++")} "$@" -mno-avx512f\n')
+    compiler.chmod(0o755)
+    env = dict(os.environ, CXX=str(compiler), GLM4_KERNEL_CACHE=str(tmp_path / "kernels"))
+    env.update(ATEN_CPU_CAPABILITY="avx2", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env[AVX2_RUN] = "1"
+    here = os.path.dirname(__file__)
+    files = [os.path.join(here, "test_kernels.py"), os.path.join(here, "test_int8_linear.py")]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider", "-k", LINEAR_TESTS, *files],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "PASSED tests/test_kernels.py::test_the_avx2_run_loads_the_avx2_linears" in run.stdout

@@ -10,8 +10,9 @@
 // the thread's two streams run through different pages (two streams in one page, as adjacent rows
 // of 2 KiB are, halve the rate the hardware prefetcher keeps up on the AMD development machine),
 // and each line is asked for 4 KiB ahead (simd.h: the Intel one's prefetcher alone falls short).
-// Needs AVX-512BW and AVX-512 BF16; built without them it only says so
-// (glm4_bf16_linear_supported() returns 0), and glm4 keeps oneDNN.
+// Needs AVX-512BW and AVX-512 BF16; without them, AVX2 and FMA (avx2.h: the weight widened to
+// float32 for FMAs); built without either it only says so (glm4_bf16_linear_supported() returns
+// 0), and glm4 keeps oneDNN.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,13 +23,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "avx2.h"
 #include "linear.h"
 
 namespace {
 
 // x (..., K) bf16; weight (N, K) bf16. Returns x @ weight.T, (..., N) bf16.
 at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &weight) {
-#ifdef GLM4_BF16_LINEAR_KERNEL
+#if defined(GLM4_BF16_LINEAR_KERNEL) || defined(GLM4_AVX2_KERNEL)
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
                 "glm4::bf16_linear takes bfloat16 x and weight");
     TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1) && weight.size(1) > 0,
@@ -42,17 +44,30 @@ at::Tensor bf16_linear(const at::Tensor &x, const at::Tensor &weight) {
     const uint16_t *xs = reinterpret_cast<const uint16_t *>(xc.const_data_ptr());
     const uint16_t *w = reinterpret_cast<const uint16_t *>(wc.const_data_ptr());
     uint16_t *out = reinterpret_cast<uint16_t *>(y.mutable_data_ptr());
+#ifdef GLM4_BF16_LINEAR_KERNEL
     linear_rows(xs, w, out, M, K, N);
+#else
+    avx2::bf16_rows(xs, w, out, M, K, N);
+#endif
     return y;
 #else
-    TORCH_CHECK(false, "glm4::bf16_linear was built without AVX-512BW and AVX-512 BF16");
+    TORCH_CHECK(false, "glm4::bf16_linear was built without AVX-512BW and AVX-512 BF16, or AVX2 and FMA");
 #endif
 }
 
 }  // namespace
 
 extern "C" int glm4_bf16_linear_supported() {
-#ifdef GLM4_BF16_LINEAR_KERNEL
+#if defined(GLM4_BF16_LINEAR_KERNEL) || defined(GLM4_AVX2_KERNEL)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// Whether the linear kernels are avx2.h's (this CPU lacks AVX-512 BF16): they take fewer rows.
+extern "C" int glm4_avx2() {
+#ifdef GLM4_AVX2_KERNEL
     return 1;
 #else
     return 0;
@@ -72,7 +87,7 @@ extern "C" int glm4_set_amx(int on) {
 // The rows of x from which the vector kernels ask for their weight's lines ahead (simd.h's
 // asks_ahead): set it where rows > 0; returns it.
 extern "C" int64_t glm4_set_prefetch_rows(int64_t rows) {
-#ifdef GLM4_BF16_LINEAR_KERNEL
+#if defined(GLM4_BF16_LINEAR_KERNEL) || defined(GLM4_AVX2_KERNEL)
     if (rows > 0) glm4_prefetch::from_rows = rows;
     return glm4_prefetch::from_rows.load();
 #else

@@ -9,8 +9,9 @@
 // Products of bf16 are exact and summed in float32, up to 4 rows of x on the nibbles of two weight
 // rows unpacked once (int4.h: int4_tile); on a CPU with AMX tiles the products run on them
 // (int4_amx_rows), where up to 16 rows share one pass over the weight.
-// Needs AVX-512BW and AVX-512 BF16; built without
-// them it only says so (glm4_int4_linear_supported() returns 0), and glm4 keeps torch's kernel.
+// Needs AVX-512BW and AVX-512 BF16; without them, AVX2 and FMA (avx2.h: the nibbles widened to
+// float32 for FMAs, x laid out to match); built without either it only says so
+// (glm4_int4_linear_supported() returns 0), and glm4 keeps torch's kernel.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "avx2.h"
 #include "int4.h"
 
 namespace {
@@ -28,7 +30,7 @@ namespace {
 // x (..., K) bf16; weight (N, K/2) uint8; scales_and_zeros (N, K/group, 2) bf16. Any number of rows.
 at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &scales_and_zeros,
                        int64_t group) {
-#ifdef GLM4_INT4_KERNEL
+#if defined(GLM4_INT4_KERNEL) || defined(GLM4_AVX2_KERNEL)
     int64_t K = x.size(-1), N = weight.size(0);
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && scales_and_zeros.scalar_type() == at::kBFloat16 &&
                     weight.scalar_type() == at::kByte,
@@ -45,10 +47,14 @@ at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &weight, const at::
     const uint8_t *w = reinterpret_cast<const uint8_t *>(wc.const_data_ptr());
     const uint16_t *sz = reinterpret_cast<const uint16_t *>(szc.const_data_ptr());
     uint16_t *out = reinterpret_cast<uint16_t *>(y.mutable_data_ptr());
+#ifdef GLM4_INT4_KERNEL
     if (y.numel()) int4_linear_rows(xs, w, sz, out, M, K, N, group);
+#else
+    if (y.numel()) avx2::int4_rows(xs, w, sz, out, M, K, N, group);
+#endif
     return y;
 #else
-    TORCH_CHECK(false, "glm4::int4_linear was built without AVX-512BW and AVX-512 BF16");
+    TORCH_CHECK(false, "glm4::int4_linear was built without AVX-512BW and AVX-512 BF16, or AVX2 and FMA");
 #endif
 }
 
@@ -57,7 +63,7 @@ at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &weight, const at::
 // which then run the library's bf16 GEMM: torch's int4 kernel is several times slower there, and
 // the same in Python takes ten times as long as here (float32 copies of the whole weight).
 at::Tensor int4_dequantize(const at::Tensor &weight, const at::Tensor &scales_and_zeros, int64_t group) {
-#ifdef GLM4_INT4_KERNEL
+#if defined(GLM4_INT4_KERNEL) || defined(GLM4_AVX2_KERNEL)
     TORCH_CHECK(weight.scalar_type() == at::kByte && scales_and_zeros.scalar_type() == at::kBFloat16,
                 "glm4::int4_dequantize takes a uint8 weight and bfloat16 scales");
     const int64_t N = weight.size(0), K = weight.dim() == 2 ? weight.size(1) * 2 : 0;
@@ -70,18 +76,22 @@ at::Tensor int4_dequantize(const at::Tensor &weight, const at::Tensor &scales_an
     const uint16_t *sz = reinterpret_cast<const uint16_t *>(szc.const_data_ptr());
     uint16_t *y = reinterpret_cast<uint16_t *>(out.mutable_data_ptr());
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+#ifdef GLM4_INT4_KERNEL
         for (int64_t n = n0; n < n1; n++) int4_dequantize_row(w, sz, n, K, group, y + n * K);
+#else
+        for (int64_t n = n0; n < n1; n++) avx2::int4_dequantize_row(w, sz, n, K, group, y + n * K);
+#endif
     });
     return out;
 #else
-    TORCH_CHECK(false, "glm4::int4_dequantize was built without AVX-512BW and AVX-512 BF16");
+    TORCH_CHECK(false, "glm4::int4_dequantize was built without AVX-512BW and AVX-512 BF16, or AVX2 and FMA");
 #endif
 }
 
 }  // namespace
 
 extern "C" int glm4_int4_linear_supported() {
-#ifdef GLM4_INT4_KERNEL
+#if defined(GLM4_INT4_KERNEL) || defined(GLM4_AVX2_KERNEL)
     return 1;
 #else
     return 0;

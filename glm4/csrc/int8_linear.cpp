@@ -3,8 +3,9 @@
 // op of their own: q widened to bf16 (exactly) for vdpbf16ps, and on a CPU with AMX tiles q as
 // stored times x split exactly into 8-bit digits; either way a row's numbers do not depend on the
 // other rows.
-// Needs AVX-512BW, VL and BF16; built without them it only says so (glm4_int8_linear_supported()
-// returns 0), and glm4 keeps torch's kernel.
+// Needs AVX-512BW, VL and BF16; without them, AVX2 and FMA (avx2.h: q widened to float32 for
+// FMAs); built without either it only says so (glm4_int8_linear_supported() returns 0), and glm4
+// keeps torch's kernel.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,13 +15,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "avx2.h"
 #include "int8.h"
 
 namespace {
 
 // x (..., K) bf16; weight (N, K) int8; scales (N) bf16. Returns x @ (weight * scales).T, (..., N).
 at::Tensor int8_linear(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &scales) {
-#ifdef GLM4_INT8_KERNEL
+#if defined(GLM4_INT8_KERNEL) || defined(GLM4_AVX2_KERNEL)
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kChar &&
                     scales.scalar_type() == at::kBFloat16,
                 "glm4::int8_linear takes bfloat16 x and scales, int8 weight");
@@ -33,19 +35,24 @@ at::Tensor int8_linear(const at::Tensor &x, const at::Tensor &weight, const at::
     shape.back() = N;
     at::Tensor y = at::empty(shape, x.options());
     if (y.numel() == 0) return y;
-    int8_linear_rows(reinterpret_cast<const uint16_t *>(xc.const_data_ptr()), wc.const_data_ptr<int8_t>(),
-                     reinterpret_cast<const uint16_t *>(sc.const_data_ptr()),
-                     reinterpret_cast<uint16_t *>(y.mutable_data_ptr()), M, K, N);
+    const uint16_t *xs = reinterpret_cast<const uint16_t *>(xc.const_data_ptr());
+    const uint16_t *ss = reinterpret_cast<const uint16_t *>(sc.const_data_ptr());
+    uint16_t *out = reinterpret_cast<uint16_t *>(y.mutable_data_ptr());
+#ifdef GLM4_INT8_KERNEL
+    int8_linear_rows(xs, wc.const_data_ptr<int8_t>(), ss, out, M, K, N);
+#else
+    avx2::int8_rows(xs, wc.const_data_ptr<int8_t>(), ss, out, M, K, N);
+#endif
     return y;
 #else
-    TORCH_CHECK(false, "glm4::int8_linear was built without AVX-512BW, VL and BF16");
+    TORCH_CHECK(false, "glm4::int8_linear was built without AVX-512BW, VL and BF16, or AVX2 and FMA");
 #endif
 }
 
 }  // namespace
 
 extern "C" int glm4_int8_linear_supported() {
-#ifdef GLM4_INT8_KERNEL
+#if defined(GLM4_INT8_KERNEL) || defined(GLM4_AVX2_KERNEL)
     return 1;
 #else
     return 0;

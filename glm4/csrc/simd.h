@@ -1,4 +1,5 @@
-// AVX-512 helpers shared by the kernels; include after <immintrin.h>, under __AVX512F__.
+// Helpers shared by the kernels: asking for lines ahead (any x86-64), and AVX-512 ones (under
+// __AVX512F__); include after <immintrin.h>.
 #pragma once
 
 #include <atomic>
@@ -37,6 +38,7 @@ inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
 }
 #endif
 
+#ifdef __AVX512F__
 // A mask of the first n of 16 lanes.
 inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
@@ -52,5 +54,7 @@ inline __m512 reduce16(const __m512 *a) {
     __m512 r = _mm512_add_ps(_mm512_unpacklo_ps(z[0], z[1]), _mm512_unpackhi_ps(z[0], z[1]));
     return _mm512_shuffle_f32x4(r, r, 0xD8);
 }
+
+#endif
 
 }  // namespace
