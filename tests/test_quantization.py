@@ -196,3 +196,28 @@ def test_int4_layers_dequantize_where_torchs_kernel_fails(monkeypatch, caplog):
     assert "dequantize into the matmul" in caplog.text and "not available in this build" in caplog.text
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     assert torch.allclose(q(x).float(), torch.nn.functional.linear(x.float(), q.dequantize()), atol=0.05)
+
+
+def test_compiled_int8_rows_take_torchs_kernel_where_inductor_reads_int8_slowly(monkeypatch):
+    """Where inductor's vectors are AVX2 (its int8 multiply-reduce reads the weight at 1-2 GB/s there),
+    a compiled batch-1 step multiplies int8 layers with torch's kernel instead: the same tokens."""
+    from torch.profiler import profile
+
+    from glm4 import quantization
+    from glm4.generation import stream_tokens
+
+    model = quantize(tiny_lm(hidden_size=128, intermediate_size=256).bfloat16(), "int8")
+    ids = random_ids(1, 12)  # a prompt of more than 8 rows: the int8 weight widened into the matmul
+    eager = torch.stack(list(stream_tokens(model, ids, max_new_tokens=6, eos_token_id=[], compile=False)), 1)
+    monkeypatch.setattr(quantization, "_checked_inductor", True)
+    monkeypatch.setattr(quantization, "int8_reduce_compiles_well", False)
+    list(stream_tokens(model, ids, max_new_tokens=6, eos_token_id=[], compile=True))  # compiles
+    with profile() as prof:
+        compiled = torch.stack(
+            list(stream_tokens(model, ids, max_new_tokens=6, eos_token_id=[], compile=True)), 1
+        )
+    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::_weight_int8pack_mm")
+    # q, k, v, o, gate_up and down in each layer and the head, in each of 5 decode steps; the
+    # prompt's last-row head
+    assert calls == 5 * (6 * model.config.num_hidden_layers + 1) + 1
+    assert torch.equal(compiled, eager)
