@@ -32,13 +32,17 @@ constexpr int64_t STEP = 32;       // columns a step: four vectors of 8
 constexpr int PASS_ROWS = 2;       // rows of x per pass over a weight row: 8 accumulators
 constexpr int64_t GRAIN = 16;      // weight rows a thread takes at least
 
-inline __m256 widen_bf16(const uint16_t *p) {  // 8 bf16: a float32's top half
+// 8 bf16 or int8 weights from p as float32 (bf16: a float32's top half), and one of them.
+inline __m256 widen(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-inline __m256 widen_int8(const int8_t *p) {
+inline __m256 widen(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
+
+inline float to_float(uint16_t w) { return bf16_to_float(w); }
+inline float to_float(int8_t w) { return (float)w; }
 
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -71,8 +75,7 @@ inline void sums(const Load &load, const float *const *x, int64_t k0, int64_t k1
 }
 
 // n floats in `buffer`, from a 64-byte boundary: the loads of x then never straddle two cache
-// lines (on the AMD development machine a product of 2 rows of x from malloc's 16-byte alignment
-// took up to twice the time).
+// lines (malloc aligns to 16 bytes; on the AMD development machine this measured no different).
 inline float *aligned(std::vector<float> &buffer, int64_t n) {
     buffer.resize(n + 16);
     return buffer.data() + (-(reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float)) & 15);
@@ -107,51 +110,38 @@ inline void each_row(const float *xf, int64_t M, int64_t K, int64_t N, uint16_t 
     });
 }
 
-// Bf16 or int8 weight rows: the vector sums over K rounded down to STEP, then the rest one by one.
-template <int R, class Load, class Scalar>
-inline void plain_row(const Load &load, const Scalar &scalar, const float *const *x, int64_t K, float *out) {
-    const int64_t K32 = K / STEP * STEP;
-    sums<R>(load, x, 0, K32, out);
-    for (int r = 0; r < R; r++)
-        for (int64_t k = K32; k < K; k++) out[r] += scalar(k) * x[r][k];
-}
-
-// y (M, N) = x (M, K) w^T for a bf16 weight w (N, K).
-inline void bf16_rows(const uint16_t *xs, const uint16_t *w, uint16_t *y, int64_t M, int64_t K, int64_t N) {
+// y (M, N) = x (M, K) w^T for a bf16 or int8 weight w (N, K), times the row's bf16 scale where
+// `scales` is given (int8: applied to the float32 sum before the one rounding). The vector sums run
+// over K rounded down to STEP, then the rest one by one.
+template <class T>
+inline void plain_rows(const uint16_t *xs, const T *w, const uint16_t *scales, uint16_t *y, int64_t M, int64_t K,
+                       int64_t N) {
     const bool ask = asks_ahead(M);  // the lines 4 KiB ahead (simd.h)
     std::vector<float> buffer;
     const float *xf = widen_rows(xs, M, K, buffer);
+    const int64_t K32 = K / STEP * STEP;
     each_row(xf, M, K, N, y, [&](int64_t n, const float *const *x, auto rows, float *out) {
-        const uint16_t *p = w + n * K;
+        const T *p = w + n * K;
         auto load = [p, ask](int64_t k, __m256 *v) {
-            if (ask) prefetch_ahead(p + k);  // 64 bytes a step
-            for (int u = 0; u < 4; u++) v[u] = widen_bf16(p + k + 8 * u);
+            if (ask && k * sizeof(T) % 64 == 0) prefetch_ahead(p + k);  // a line per 64 bytes of weights
+            for (int u = 0; u < 4; u++) v[u] = widen(p + k + 8 * u);
         };
-        plain_row<rows>(load, [p](int64_t k) { return bf16_to_float(p[k]); }, x, K, out);
+        sums<rows>(load, x, 0, K32, out);
+        for (int r = 0; r < rows; r++) {
+            for (int64_t k = K32; k < K; k++) out[r] += to_float(p[k]) * x[r][k];
+            if (scales != nullptr) out[r] *= bf16_to_float(scales[n]);
+        }
     });
 }
 
-// y (M, N) = x (M, K) (q * scale)^T for an int8 weight q (N, K) with one bf16 scale per row, the
-// scale applied to the float32 sum before the one rounding.
+inline void bf16_rows(const uint16_t *xs, const uint16_t *w, uint16_t *y, int64_t M, int64_t K, int64_t N) {
+    plain_rows(xs, w, nullptr, y, M, K, N);
+}
+
 inline void int8_rows(const uint16_t *xs, const int8_t *q, const uint16_t *scales, uint16_t *y, int64_t M, int64_t K,
                       int64_t N) {
-    const bool ask = asks_ahead(M);  // the lines 4 KiB ahead (simd.h)
-    std::vector<float> buffer;
-    const float *xf = widen_rows(xs, M, K, buffer);
-    each_row(xf, M, K, N, y, [&](int64_t n, const float *const *x, auto rows, float *out) {
-        const int8_t *p = q + n * K;
-        auto load = [p, ask](int64_t k, __m256 *v) {
-            if (ask && k % 64 == 0) prefetch_ahead(p + k);  // 32 bytes a step
-            for (int u = 0; u < 4; u++) v[u] = widen_int8(p + k + 8 * u);
-        };
-        plain_row<rows>(load, [p](int64_t k) { return (float)p[k]; }, x, K, out);
-        const float scale = bf16_to_float(scales[n]);
-        for (int r = 0; r < rows; r++) out[r] *= scale;
-    });
+    plain_rows(xs, q, scales, y, M, K, N);
 }
-
-// Whether int4_rows takes groups of this many columns (each a whole number of steps).
-inline bool int4_group_fits(int64_t group) { return group > 0 && group % STEP == 0; }
 
 // The 32 columns from k of an int4 weight row (16 bytes at p + k / 2, two columns a byte, low
 // nibble first) as q, in the order int4_rows lays x out in: the even columns, then the odd ones.
