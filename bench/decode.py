@@ -91,7 +91,7 @@ def prefetching_read():
     """bench/stream_read.cpp's reader, built as glm4's kernels are; None where it cannot be."""
     from glm4 import kernels
 
-    if not kernels.available("bf16_linear"):  # x86-64 with AVX-512, and a compiler
+    if not kernels.available("bf16_linear"):  # x86-64 with AVX-512 or AVX2, and a compiler
         return None
     try:
         path = kernels.build([Path(__file__).with_name("stream_read.cpp")], kernels.cache_dir(), "glm4_bench")
