@@ -28,13 +28,14 @@ a call around 10 of work. The library is compiled with `-march=native` (g++, or 
 torch's headers into a cache folder ($GLM4_KERNEL_CACHE, or ~/.cache/glm4/kernels) under a name
 that hashes the sources, the command, torch's version and this CPU's flags, so that a home folder
 shared between machines never hands one a binary built for another. Where it cannot be built (no
-compiler, not Linux on x86-64), where the CPU lacks the instructions (AVX-512F; for
-prompt_attention also AVX-512BW and BF16; for decode_step and argmax AVX-512BW, VL and BF16), or
-with GLM4_CPU_KERNELS=0, `available(op)` says False and the model keeps its float path, SDPA,
-torch's kernel or oneDNN. The linears (bf16, int8, int4) need AVX-512BW and BF16 (and VL for
-int8); on a CPU without them but with AVX2 and FMA (most desktop and laptop CPUs, and AVX-512 Xeons
-before Cooper Lake) they are built from csrc/avx2.h instead: the weight widened to float32 in
-registers for FMAs, one row of x 1.6-3.4x the library's kernels (`avx2()`).
+compiler, not Linux on x86-64), where the CPU lacks the instructions (decode_attention: AVX-512F,
+or AVX2 and FMA, csrc/attention.h being written over either's vectors; prompt_attention AVX-512F,
+BW and BF16; decode_step and argmax AVX-512BW, VL and BF16), or with GLM4_CPU_KERNELS=0,
+`available(op)` says False and the model keeps its float path, SDPA, torch's kernel or oneDNN.
+The linears (bf16, int8, int4) need AVX-512BW and BF16 (and VL for int8); on a CPU without them
+but with AVX2 and FMA (most desktop and laptop CPUs, and AVX-512 Xeons before Cooper Lake) they
+are built from csrc/avx2.h instead: the weight widened to float32 in registers for FMAs, one row
+of x 1.6-3.4x the library's kernels (`avx2()`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ import glm4.linear
 from glm4 import kernels
 from glm4.cache import DynamicCache
 
-needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler or no AVX-512F here")
+needs_kernel = pytest.mark.skipif(
+    not kernels.available(), reason="no C++ compiler, or neither AVX-512F nor AVX2 and FMA here"
+)
 needs_prompt_kernel = pytest.mark.skipif(
     not kernels.available("prompt_attention"), reason="no C++ compiler or no AVX-512BW and BF16 here"
 )
@@ -92,6 +94,19 @@ def test_kernel_with_a_chunk_of_hidden_keys_only():
         torch.testing.assert_close(out.double(), exact(q, k, v, mask, 0.125), rtol=2**-8, atol=1e-5)
     finally:
         torch.set_num_threads(previous)
+
+
+@needs_kernel
+def test_kernel_equals_the_float_path_where_scores_span_hundreds():
+    """Scores hundreds apart: the softmax's exponentials of the far ones underflow to 0 (AVX2's from
+    e^-87, AVX-512's through the subnormals) and the output stays the exact one, with no NaN."""
+    q, k, v, mask = inputs(2, 2, 8, 128, 300, masked=True)
+    q = q * 40  # scores spread over about +-500
+    scores = q.double() @ k.double().repeat_interleave(8, 1).transpose(-1, -2) * 128**-0.5
+    assert (scores.amax(-1) - scores.amin(-1)).min() > 200
+    out = kernels.decode_attention(q, k, v, mask, 128**-0.5)
+    reference = exact(q, k, v, mask, 128**-0.5)
+    torch.testing.assert_close(out.double(), reference, rtol=2**-8, atol=1e-5)
 
 
 @needs_kernel
@@ -727,27 +742,34 @@ def test_bf16_model_decodes_through_bf16_linear(batch, monkeypatch):
     assert torch.equal(compiled, eager)
 
 
-# -- the linears' AVX2 build (csrc/avx2.h), on a CPU without AVX-512 BF16 ------------------------
+# -- the AVX2 build (csrc/avx2.h, attention.h's 8-lane vectors), on a CPU without AVX-512 ---------
 
 AVX2_RUN = "GLM4_TEST_AVX2"  # set in the run below: the kernels it loads must be the AVX2 ones
-LINEAR_TESTS = "int4 or int8 or bf16_linear or linear_layers or bf16_model or prefetching or avx2"
+AVX2_TESTS = (
+    "int4 or int8 or bf16_linear or linear_layers or bf16_model or prefetching or avx2"
+    " or kernel_equals_the_float_path or hidden_keys or kernel_rejects or where_the_kernel_runs"
+    " or bf16_decoding_runs_the_kernel"
+)
 
 
 @pytest.mark.skipif(not os.environ.get(AVX2_RUN), reason="only in the AVX2 build's run")
-def test_the_avx2_run_loads_the_avx2_linears():
+def test_the_avx2_run_loads_the_avx2_kernels():
     assert kernels.avx2()
     assert kernels.available("int8_linear") and kernels.available("int4_linear")
-    assert not kernels.available("decode_step")  # the fused step stays AVX-512 BF16
+    assert kernels.available("decode_attention")
+    assert not kernels.available("decode_step")  # the fused step and the prompt kernel stay AVX-512 BF16
+    assert not kernels.available("prompt_attention")
 
 
 @pytest.mark.skipif(
     os.environ.get(AVX2_RUN) or not {"avx2", "fma"} <= set(kernels._cpu_flags().split()) or kernels.avx2(),
     reason="no AVX2 and FMA here, or this run's kernels are already the AVX2 ones",
 )
-def test_the_linears_built_for_avx2_pass_their_tests(tmp_path):
-    """The linears' tests again, in a process whose kernels are built without AVX-512 (as on a CPU
-    without it: most desktop and laptop CPUs) and whose torch kernels and inductor code are held to
-    AVX2 (in a cache of their own: inductor's cached code is not keyed on that)."""
+def test_the_kernels_built_for_avx2_pass_their_tests(tmp_path):
+    """The linears' and the decode attention's tests again, in a process whose kernels are built
+    without AVX-512 (as on a CPU without it: most desktop and laptop CPUs) and whose torch kernels
+    and inductor code are held to AVX2 (in a cache of their own: inductor's cached code is not keyed
+    on that)."""
     compiler = tmp_path / "g++-avx2"
     compiler.write_text(f'#!/bin/sh\nexec {os.environ.get("CXX", "g++")} "$@" -mno-avx512f\n')
     compiler.chmod(0o755)
@@ -757,8 +779,9 @@ def test_the_linears_built_for_avx2_pass_their_tests(tmp_path):
     here = os.path.dirname(__file__)
     files = [os.path.join(here, "test_kernels.py"), os.path.join(here, "test_int8_linear.py")]
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider", "-k", LINEAR_TESTS, *files],
+        [sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider", "-k", AVX2_TESTS, *files],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert "PASSED tests/test_kernels.py::test_the_avx2_run_loads_the_avx2_linears" in run.stdout
+    assert "PASSED tests/test_kernels.py::test_the_avx2_run_loads_the_avx2_kernels" in run.stdout
+    assert "PASSED tests/test_kernels.py::test_kernel_equals_the_float_path" in run.stdout

@@ -1,5 +1,7 @@
 // The decode attention kernel's core (see decode_attention.cpp), shared with the fused decode step
 // (decode_step.cpp): attend() over raw bf16 buffers; and unit_last, which the prompt kernel shares.
+// attend() is written once over a vector type, `Lanes`: 16 floats with AVX-512, 8 with AVX2 and
+// FMA (most desktop and laptop CPUs); GLM4_DECODE_ATTENTION_KERNEL says it is built.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -12,7 +14,8 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define GLM4_DECODE_ATTENTION_KERNEL 1
 #include <immintrin.h>
 
 #include "simd.h"
@@ -23,36 +26,128 @@ namespace {
 // t itself where its last dim is unit-stride (a cache's view), else a contiguous copy.
 inline at::Tensor unit_last(const at::Tensor &t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+#ifdef GLM4_DECODE_ATTENTION_KERNEL
+
+// e^x = 2^n e^r: n = round(x / ln2), r = x - n ln2 (|r| <= ln2/2, ln2 in two parts), and e^r by a
+// degree-6 polynomial (Cephes). Returns e^r and sets n; L's exp scales by 2^n.
+template <class L>
+inline typename L::V exp_reduced(typename L::V x, typename L::V &n) {
+    using V = typename L::V;
+    n = L::round(L::mul(x, L::set1(1.44269504088896341f)));
+    V r = L::fma(n, L::set1(-0.693145751953125f), x);
+    r = L::fma(n, L::set1(-1.428606765330187045e-06f), r);
+    V p = L::set1(1.9875691500e-4f);
+    for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+        p = L::fma(p, r, L::set1(c));
+    return L::fma(p, L::mul(r, r), L::add(r, L::set1(1.0f)));
+}
+
+#endif
+
 #ifdef __AVX512F__
 
-// 16 bf16 values as floats: bf16 is the top half of a float32.
-inline __m512 load16(const uint16_t *p) {
-    __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+struct Lanes16 {
+    using V = __m512;
+    static constexpr int W = 16;     // floats a vector
+    static constexpr int GROUP = 8;  // query heads whose weighted values are summed in one pass
 
-// e^x for x <= 0 (e^-inf = 0): 2^n e^r with |r| <= ln2/2, a degree-6 polynomial for e^r (Cephes).
-inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
+    static V zero() { return _mm512_setzero_ps(); }
+    static V set1(float a) { return _mm512_set1_ps(a); }
+    static V load(const float *p) { return _mm512_loadu_ps(p); }
+    static void store(float *p, V a) { _mm512_storeu_ps(p, a); }
+    // W bf16 values as floats: bf16 is the top half of a float32.
+    static V bf16(const uint16_t *p) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)p);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
+    static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static V max(V a, V b) { return _mm512_max_ps(a, b); }
+    static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    static float sum(V a) { return _mm512_reduce_add_ps(a); }
+    static float top(V a) { return _mm512_reduce_max_ps(a); }
+    static V sums(const V *a) { return reduce16(a); }  // lane j: the sum of a[j]'s lanes
+    // a with the lanes set in `hidden` made -inf
+    static V hide(V a, uint32_t hidden) { return _mm512_mask_mov_ps(a, (__mmask16)hidden, set1(-INFINITY)); }
+    // e^x for x <= 0 (e^-inf = 0): scalef takes 2^n down through the subnormals.
+    static V exp(V x) {
+        V n, p = exp_reduced<Lanes16>(max(x, set1(-104.0f)), n);
+        return _mm512_scalef_ps(p, n);
+    }
+};
 
-// scores[g * n + j] = scale * q[g] . k[j] for a block of 16 keys, -inf where hidden.
+// The AVX-512 kernels' names for two of them.
+inline __m512 load16(const uint16_t *p) { return Lanes16::bf16(p); }
+inline __m512 exp16(__m512 x) { return Lanes16::exp(x); }
+
+using Lanes = Lanes16;
+
+#elif defined(GLM4_DECODE_ATTENTION_KERNEL)
+
+struct Lanes8 {
+    using V = __m256;
+    static constexpr int W = 8;
+    static constexpr int GROUP = 4;  // 8 accumulators: AVX2 has 16 registers
+
+    static V zero() { return _mm256_setzero_ps(); }
+    static V set1(float a) { return _mm256_set1_ps(a); }
+    static V load(const float *p) { return _mm256_loadu_ps(p); }
+    static void store(float *p, V a) { _mm256_storeu_ps(p, a); }
+    static V bf16(const uint16_t *p) {
+        __m128i h = _mm_loadu_si128((const __m128i *)p);
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    static V add(V a, V b) { return _mm256_add_ps(a, b); }
+    static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    static V max(V a, V b) { return _mm256_max_ps(a, b); }
+    static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    static float sum(V a) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    }
+    static float top(V a) {
+        __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+    }
+    // Lane j: the sum of a[j]'s lanes. Two rounds of pairwise sums leave a[j]'s halves' sums in
+    // lane j % 4 of each 128-bit half; the halves then add.
+    static V sums(const V *a) {
+        V u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        V u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    }
+    static V hide(V a, uint32_t hidden) {
+        const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)hidden), bit), bit);
+        return _mm256_blendv_ps(a, set1(-INFINITY), _mm256_castsi256_ps(set));
+    }
+    // e^x for x <= 0, 0 below -87 (where 2^n would leave float's normal range; e^-87 is 1.6e-38,
+    // nothing beside the 1 that the row's largest score contributes).
+    static V exp(V x) {
+        V n, p = exp_reduced<Lanes8>(max(x, set1(-87.0f)), n);
+        __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        return _mm256_and_ps(mul(p, _mm256_castsi256_ps(two_n)), _mm256_cmp_ps(x, set1(-87.0f), _CMP_GE_OQ));
+    }
+};
+
+using Lanes = Lanes8;
+
+#endif
+
+#ifdef GLM4_DECODE_ATTENTION_KERNEL
+
+using V = Lanes::V;
+constexpr int W = Lanes::W;
+
+// scores[g * n + j] = scale * q[g] . k[j] for a block of W keys, -inf where hidden.
 #ifdef __AVX512BF16__
 // vdpbf16ps multiplies pairs of bf16 exactly and adds them in float32, 32 products an instruction.
 template <int D>
-void block_scores(const uint16_t *q, float scale, const uint16_t *k, int64_t k_ss, int64_t G, __mmask16 hidden,
+void block_scores(const uint16_t *q, float scale, const uint16_t *k, int64_t k_ss, int64_t G, uint32_t hidden,
                   float *scores, int64_t n) {
     for (int64_t g = 0; g < G; g++) {
         __m512bh qv[D / 32];
@@ -64,56 +159,54 @@ void block_scores(const uint16_t *q, float scale, const uint16_t *k, int64_t k_s
                 t = _mm512_dpbf16_ps(t, qv[d], (__m512bh)_mm512_loadu_si512(k + j * k_ss + d * 32));
             a[j] = t;
         }
-        __m512 r = _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale));
-        _mm512_storeu_ps(scores + g * n, _mm512_mask_mov_ps(r, hidden, _mm512_set1_ps(-INFINITY)));
+        Lanes::store(scores + g * n, Lanes::hide(_mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale)), hidden));
     }
 }
 #else
 // The same with float FMAs, the block's keys converted once.
 template <int D>
-void block_scores(const uint16_t *q, float scale, const uint16_t *k, int64_t k_ss, int64_t G, __mmask16 hidden,
+void block_scores(const uint16_t *q, float scale, const uint16_t *k, int64_t k_ss, int64_t G, uint32_t hidden,
                   float *scores, int64_t n) {
-    alignas(64) float kf[16 * D];
-    for (int j = 0; j < 16; j++)
-        for (int d = 0; d < D; d += 16) _mm512_store_ps(kf + j * D + d, load16(k + j * k_ss + d));
+    alignas(64) float kf[W * D];
+    for (int j = 0; j < W; j++)
+        for (int d = 0; d < D; d += W) Lanes::store(kf + j * D + d, Lanes::bf16(k + j * k_ss + d));
     for (int64_t g = 0; g < G; g++) {
-        __m512 qv[D / 16];
-        for (int d = 0; d < D / 16; d++) qv[d] = load16(q + g * D + d * 16);
-        __m512 a[16];
-        for (int j = 0; j < 16; j++) {
-            __m512 t0 = _mm512_mul_ps(qv[0], _mm512_load_ps(kf + j * D));
-            __m512 t1 = _mm512_mul_ps(qv[1], _mm512_load_ps(kf + j * D + 16));
-            for (int d = 2; d < D / 16; d += 2) {
-                t0 = _mm512_fmadd_ps(qv[d], _mm512_load_ps(kf + j * D + d * 16), t0);
-                t1 = _mm512_fmadd_ps(qv[d + 1], _mm512_load_ps(kf + j * D + d * 16 + 16), t1);
+        V qv[D / W];
+        for (int d = 0; d < D / W; d++) qv[d] = Lanes::bf16(q + g * D + d * W);
+        V a[W];
+        for (int j = 0; j < W; j++) {
+            V t0 = Lanes::mul(qv[0], Lanes::load(kf + j * D));
+            V t1 = Lanes::mul(qv[1], Lanes::load(kf + j * D + W));
+            for (int d = 2; d < D / W; d += 2) {
+                t0 = Lanes::fma(qv[d], Lanes::load(kf + j * D + d * W), t0);
+                t1 = Lanes::fma(qv[d + 1], Lanes::load(kf + j * D + d * W + W), t1);
             }
-            a[j] = _mm512_add_ps(t0, t1);
+            a[j] = Lanes::add(t0, t1);
         }
-        __m512 r = _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale));
-        _mm512_storeu_ps(scores + g * n, _mm512_mask_mov_ps(r, hidden, _mm512_set1_ps(-INFINITY)));
+        Lanes::store(scores + g * n, Lanes::hide(Lanes::mul(Lanes::sums(a), Lanes::set1(scale)), hidden));
     }
 }
 #endif
 
-// scores[g * n + s] = scale * q[g] . k[s0 + s], -inf where the key is hidden: blocks of 16 keys,
+// scores[g * n + s] = scale * q[g] . k[s0 + s], -inf where the key is hidden: blocks of W keys,
 // then the rest one by one.
 template <int D>
 void scores_of(const uint16_t *q, float scale, const uint16_t *k, const uint8_t *keep, int64_t G, int64_t s0,
                int64_t n, int64_t k_ss, float *scores) {
     int64_t s = 0;
-    for (; s + 16 <= n; s += 16) {
-        __mmask16 hidden = 0;
-        for (int j = 0; j < 16; j++)
-            if (keep && !keep[s0 + s + j]) hidden |= (__mmask16)(1u << j);
+    for (; s + W <= n; s += W) {
+        uint32_t hidden = 0;
+        for (int j = 0; j < W; j++)
+            if (keep && !keep[s0 + s + j]) hidden |= 1u << j;
         block_scores<D>(q, scale, k + (s0 + s) * k_ss, k_ss, G, hidden, scores + s, n);
     }
     for (; s < n; s++) {
         const uint16_t *kr = k + (s0 + s) * k_ss;
         bool hide = keep && !keep[s0 + s];
         for (int64_t g = 0; g < G; g++) {
-            __m512 a = _mm512_setzero_ps();
-            for (int d = 0; d < D; d += 16) a = _mm512_fmadd_ps(load16(q + g * D + d), load16(kr + d), a);
-            scores[g * n + s] = hide ? -INFINITY : _mm512_reduce_add_ps(a) * scale;
+            V a = Lanes::zero();
+            for (int d = 0; d < D; d += W) a = Lanes::fma(Lanes::bf16(q + g * D + d), Lanes::bf16(kr + d), a);
+            scores[g * n + s] = hide ? -INFINITY : Lanes::sum(a) * scale;
         }
     }
 }
@@ -122,24 +215,23 @@ void scores_of(const uint16_t *q, float scale, const uint16_t *k, const uint8_t 
 void softmax_rows(float *scores, int64_t G, int64_t n, float *m, float *l) {
     for (int64_t g = 0; g < G; g++) {
         float *sc = scores + g * n;
-        __m512 mv = _mm512_set1_ps(-INFINITY);
+        V mv = Lanes::set1(-INFINITY);
         int64_t s = 0;
-        for (; s + 16 <= n; s += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sc + s));
-        float top = _mm512_reduce_max_ps(mv);
+        for (; s + W <= n; s += W) mv = Lanes::max(mv, Lanes::load(sc + s));
+        float top = Lanes::top(mv);
         for (; s < n; s++) top = sc[s] > top ? sc[s] : top;
         m[g] = top;
         if (top == -INFINITY) {
             l[g] = 0.0f;
             continue;
         }
-        mv = _mm512_set1_ps(top);
-        __m512 lv = _mm512_setzero_ps();
-        for (s = 0; s + 16 <= n; s += 16) {
-            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + s), mv));
-            _mm512_storeu_ps(sc + s, e);
-            lv = _mm512_add_ps(lv, e);
+        V minus_top = Lanes::set1(-top), lv = Lanes::zero();
+        for (s = 0; s + W <= n; s += W) {
+            V e = Lanes::exp(Lanes::add(Lanes::load(sc + s), minus_top));
+            Lanes::store(sc + s, e);
+            lv = Lanes::add(lv, e);
         }
-        float sum = _mm512_reduce_add_ps(lv);
+        float sum = Lanes::sum(lv);
         for (; s < n; s++) {
             sc[s] = std::exp(sc[s] - top);
             sum += sc[s];
@@ -148,24 +240,36 @@ void softmax_rows(float *scores, int64_t G, int64_t n, float *m, float *l) {
     }
 }
 
-// acc[g] = sum_s p[g, s] v[s0 + s], for GN rows of p at a time and 32 columns of v at a time.
+// Keys whose value rows are weighed for every column and query head before the next keys': their
+// rows stay in L1 over the passes (at head dim 128 and 16 query heads a KV head, a thread's chunk
+// of 4000 keys' rows is 1 MB, which each pass would otherwise fetch again from L2 or beyond).
+constexpr int64_t VALUE_BLOCK = 64;
+
+// acc[g] += sum_s p[g, s] v[s0 + s] over s in [sa, sb) (acc[g] = where sa is 0), for GN rows of p
+// at a time and 2W columns of v at a time. Each sum adds its keys in order, whatever the blocks.
 template <int D, int GN>
-void weigh_values(const float *p, const uint16_t *v, int64_t g0, int64_t s0, int64_t n, int64_t v_ss, float *acc) {
-    for (int d = 0; d < D; d += 32) {
-        __m512 a0[GN], a1[GN];
-        for (int i = 0; i < GN; i++) a0[i] = a1[i] = _mm512_setzero_ps();
-        for (int64_t s = 0; s < n; s++) {
+void weigh_values(const float *p, const uint16_t *v, int64_t g0, int64_t s0, int64_t n, int64_t sa, int64_t sb,
+                  int64_t v_ss, float *acc) {
+    static_assert(D % (2 * W) == 0, "head dims are multiples of two vectors");
+    for (int d = 0; d < D; d += 2 * W) {
+        V a0[GN], a1[GN];
+        for (int i = 0; i < GN; i++) {
+            float *out = acc + (g0 + i) * D + d;
+            a0[i] = sa == 0 ? Lanes::zero() : Lanes::load(out);
+            a1[i] = sa == 0 ? Lanes::zero() : Lanes::load(out + W);
+        }
+        for (int64_t s = sa; s < sb; s++) {
             const uint16_t *vr = v + (s0 + s) * v_ss + d;
-            __m512 v0 = load16(vr), v1 = D - d >= 32 ? load16(vr + 16) : _mm512_setzero_ps();
+            V v0 = Lanes::bf16(vr), v1 = Lanes::bf16(vr + W);
             for (int i = 0; i < GN; i++) {
-                __m512 w = _mm512_set1_ps(p[(g0 + i) * n + s]);
-                a0[i] = _mm512_fmadd_ps(w, v0, a0[i]);
-                a1[i] = _mm512_fmadd_ps(w, v1, a1[i]);
+                V w = Lanes::set1(p[(g0 + i) * n + s]);
+                a0[i] = Lanes::fma(w, v0, a0[i]);
+                a1[i] = Lanes::fma(w, v1, a1[i]);
             }
         }
         for (int i = 0; i < GN; i++) {
-            _mm512_storeu_ps(acc + (g0 + i) * D + d, a0[i]);
-            if (D - d >= 32) _mm512_storeu_ps(acc + (g0 + i) * D + d + 16, a1[i]);
+            Lanes::store(acc + (g0 + i) * D + d, a0[i]);
+            Lanes::store(acc + (g0 + i) * D + d + W, a1[i]);
         }
     }
 }
@@ -173,11 +277,15 @@ void weigh_values(const float *p, const uint16_t *v, int64_t g0, int64_t s0, int
 template <int D>
 void chunk(const uint16_t *q, float scale, const uint16_t *k, const uint16_t *v, const uint8_t *keep, int64_t G, int64_t s0,
            int64_t s1, int64_t k_ss, int64_t v_ss, float *scores, float *m, float *l, float *acc) {
-    int64_t n = s1 - s0, g = 0;  // one row of scores per query head of the group
+    int64_t n = s1 - s0;  // one row of scores per query head of the group
     scores_of<D>(q, scale, k, keep, G, s0, n, k_ss, scores);
     softmax_rows(scores, G, n, m, l);
-    for (; g + 8 <= G; g += 8) weigh_values<D, 8>(scores, v, g, s0, n, v_ss, acc);
-    for (; g < G; g++) weigh_values<D, 1>(scores, v, g, s0, n, v_ss, acc);
+    for (int64_t sa = 0; sa < n; sa += VALUE_BLOCK) {
+        int64_t sb = std::min(sa + VALUE_BLOCK, n), g = 0;
+        for (; g + Lanes::GROUP <= G; g += Lanes::GROUP)
+            weigh_values<D, Lanes::GROUP>(scores, v, g, s0, n, sa, sb, v_ss, acc);
+        for (; g < G; g++) weigh_values<D, 1>(scores, v, g, s0, n, sa, sb, v_ss, acc);
+    }
 }
 
 // q, out: (B, H, G, D) contiguous, H the KV heads and G the query heads of each. k, v: unit stride
@@ -231,6 +339,6 @@ void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8
         }
 }
 
-#endif  // __AVX512F__
+#endif  // GLM4_DECODE_ATTENTION_KERNEL
 
 }  // namespace

@@ -8,8 +8,8 @@
 //
 // glm4/kernels.py builds this with the machine's C++ compiler (-march=native) against torch's
 // headers on first use; it registers the CPU kernel of the op glm4::decode_attention, which
-// kernels.py defines. Built without AVX-512F it only says so (glm4_decode_attention_supported()
-// returns 0), and glm4 keeps its float path.
+// kernels.py defines. It runs on AVX-512 or on AVX2 with FMA (attention.h); built without either
+// it only says so (glm4_decode_attention_supported() returns 0), and glm4 keeps its float path.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,7 +28,7 @@ namespace {
 // q (B, H_q, 1, D), k and v (B, H, S, D), mask None or (B, 1, 1, S) bool: softmax(q k^T scale) v.
 at::Tensor decode_attention(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
                             const std::optional<at::Tensor> &mask, double scale) {
-#ifdef __AVX512F__
+#ifdef GLM4_DECODE_ATTENTION_KERNEL
     TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 && k_in.scalar_type() == at::kBFloat16 &&
                     v_in.scalar_type() == at::kBFloat16,
                 "glm4::decode_attention takes bfloat16 tensors");
@@ -51,14 +51,14 @@ at::Tensor decode_attention(const at::Tensor &q_in, const at::Tensor &k_in, cons
            keep.defined() ? keep.stride(0) : 0, (float)scale);
     return out;
 #else
-    TORCH_CHECK(false, "glm4::decode_attention was built without AVX-512F");
+    TORCH_CHECK(false, "glm4::decode_attention was built without AVX-512F or AVX2 and FMA");
 #endif
 }
 
 }  // namespace
 
 extern "C" int glm4_decode_attention_supported() {
-#ifdef __AVX512F__
+#ifdef GLM4_DECODE_ATTENTION_KERNEL
     return 1;
 #else
     return 0;
