@@ -566,6 +566,8 @@ def test_bf16_linear_rows_do_not_depend_on_the_batch_or_the_threads(k, kernel_pa
         assert torch.equal(with_threads(threads, lambda: kernels.bf16_linear(x, weight)), together)
     for i in range(37):
         assert torch.equal(kernels.bf16_linear(x[i : i + 1], weight), together[i : i + 1])
+    for rows in (2, 3, 4):  # on AVX2 2 rows take a pass each, 3 and 4 passes of 2 rows and the rest
+        assert torch.equal(kernels.bf16_linear(x[:rows], weight), together[:rows])
 
 
 def test_amx_runs_where_the_cpu_has_it():

@@ -90,21 +90,24 @@ inline float *widen_rows(const uint16_t *x, int64_t M, int64_t K, std::vector<fl
 
 // For each weight row n of [0, N), in threads: row(n, x, rows, out) sets out[r] = the product of
 // weight row n with the rows (std::integral_constant 1 or 2) of x from x[0], pass after pass over
-// x's M rows; y (M, N) bf16.
+// x's M rows, `most` rows a pass (1 or PASS_ROWS); y (M, N) bf16.
 template <class Row>
-inline void each_row(const float *xf, int64_t M, int64_t K, int64_t N, uint16_t *y, const Row &row) {
+inline void each_row(const float *xf, int64_t M, int64_t K, int64_t N, uint16_t *y, const Row &row,
+                     int most = PASS_ROWS) {
     at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; n++)
-            for (int64_t m = 0; m < M; m += PASS_ROWS) {
+            for (int64_t m = 0; m < M;) {
                 const float *x[PASS_ROWS] = {xf + m * K, xf + std::min(m + 1, M - 1) * K};
                 float out[PASS_ROWS];
-                if (M - m == 1) {
+                if (M - m == 1 || most == 1) {
                     row(n, x, std::integral_constant<int, 1>(), out);
                     y[m * N + n] = float_to_bf16(out[0]);
+                    m += 1;
                 } else {
                     row(n, x, std::integral_constant<int, 2>(), out);
                     y[m * N + n] = float_to_bf16(out[0]);
                     y[(m + 1) * N + n] = float_to_bf16(out[1]);
+                    m += 2;
                 }
             }
     });
@@ -117,6 +120,13 @@ template <class T>
 inline void plain_rows(const uint16_t *xs, const T *w, const uint16_t *scales, uint16_t *y, int64_t M, int64_t K,
                        int64_t N) {
     const bool ask = asks_ahead(M);  // the lines 4 KiB ahead (simd.h)
+    // Exactly 2 rows of bf16 take a row a pass: as the only pass over each weight row, a 2-row pass
+    // read a weight of 1024 columns at half the rate of a 1-row one on the AMD development machine
+    // (the bench's lm_head: 18-20 against 9-10 ms; two 1-row passes 9.6-9.9), though not when
+    // another pass follows (3 and 4 rows), nor with int8 or int4 weights (there 2 rows a pass stay
+    // faster). At 2816 and 4096 columns both ways take the same time. Unexplained: the stall is on
+    // the weight's loads, and asking for lines ahead does not help.
+    const bool lone_pair = std::is_same_v<T, uint16_t> && M == 2;
     std::vector<float> buffer;
     const float *xf = widen_rows(xs, M, K, buffer);
     const int64_t K32 = K / STEP * STEP;
@@ -131,7 +141,7 @@ inline void plain_rows(const uint16_t *xs, const T *w, const uint16_t *scales, u
             for (int64_t k = K32; k < K; k++) out[r] += to_float(p[k]) * x[r][k];
             if (scales != nullptr) out[r] *= bf16_to_float(scales[n]);
         }
-    });
+    }, lone_pair ? 1 : PASS_ROWS);
 }
 
 inline void bf16_rows(const uint16_t *xs, const uint16_t *w, uint16_t *y, int64_t M, int64_t K, int64_t N) {
